@@ -1,0 +1,1 @@
+"""gRPC and HTTP front ends; they call into the stages, nothing imports them."""

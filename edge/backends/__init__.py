@@ -1,0 +1,1 @@
+"""Inference backends: one interface, one module per backend, lazy heavy imports."""

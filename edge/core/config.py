@@ -1,0 +1,137 @@
+"""Settings: one YAML file validated at start-up into a typed, frozen object, passed down.
+
+Precedence, lowest first: defaults, the YAML file, ``MEDEDGE_<SECTION>__<KEY>`` environment
+variables, command-line flags. A bad file stops start-up with a :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge.core.errors import ConfigError
+
+ENV_PREFIX = "MEDEDGE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    """Where the service listens and keeps its data."""
+
+    bind: str = "0.0.0.0"
+    data_dir: Path = Path("./mededge-data")
+    model_repository: Path = Path("./models")
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    http_port: int = Field(8002, ge=0, le=65535)
+    drain_timeout_s: float = Field(30.0, gt=0)
+
+
+class GrpcSettings(_Section):
+    """gRPC front end limits. The default message size holds a CT volume."""
+
+    max_message_bytes: int = Field(512 * 1024 * 1024, ge=4 * 1024 * 1024)
+    max_workers: int = Field(32, ge=1)
+    reflection: bool = True
+
+
+class RepositorySettings(_Section):
+    """How the model repository is watched and loaded."""
+
+    poll_interval_s: float = Field(0.0, ge=0)  # 0: no polling, explicit load/unload only
+    load_all: bool = True
+    verify_sha256: bool = True
+    warmup: bool = True
+
+
+class BackendSettings(_Section):
+    """ONNX Runtime defaults; a model's config.pbtxt ``parameters`` may override them."""
+
+    providers: tuple[str, ...] = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                  "CPUExecutionProvider")
+    intra_op_threads: int = Field(0, ge=0)  # 0: ONNX Runtime decides
+    inter_op_threads: int = Field(1, ge=1)
+    graph_optimization: str = Field("all", pattern="^(disable|basic|extended|all)$")
+
+
+class SchedulerSettings(_Section):
+    """Defaults for models whose config.pbtxt does not say."""
+
+    max_queue_size: int = Field(256, ge=1)
+    default_max_queue_delay_us: int = Field(0, ge=0)
+    aging_ms: float = Field(200.0, gt=0)
+
+
+class Settings(_Section):
+    """Every setting of the service."""
+
+    server: ServerSettings = ServerSettings()
+    grpc: GrpcSettings = GrpcSettings()
+    repository: RepositorySettings = RepositorySettings()
+    backend: BackendSettings = BackendSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, name = key[len(ENV_PREFIX):].lower().partition("__")
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        lines.append(f"{origin}: {key}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, ``path``, the environment and ``overrides``.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a key is unknown or invalid; the
+            message names the file and the dotted key.
+    """
+    data: dict[str, Any] = {}
+    origin = "settings"
+    if path is not None:
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = loaded
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from exc

@@ -1,0 +1,1 @@
+"""Per-model queues, dynamic batching, priorities and deadlines."""

@@ -1,0 +1,1 @@
+"""Client-side tools behind the CLI: infer, bench, models, config check."""

@@ -1,0 +1,1 @@
+"""Training: datasets, models, augmentation, loops, metrics, ONNX export (needs [train])."""
