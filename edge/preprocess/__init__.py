@@ -1,1 +1,1 @@
-"""Pixel decoding and the preprocessing shared by the trainer and the runtime (numpy/opencv only)."""
+"""Pixel decoding and the preprocessing shared by the trainer and the runtime (numpy, opencv)."""
