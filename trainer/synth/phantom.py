@@ -131,6 +131,11 @@ def _profile(hn: np.ndarray) -> np.ndarray:
     return np.where((hn < 0) | (hn > 1), 0.0, np.where(hn < 0.35, 1.0, base))
 
 
+def _heart_scale(hn: np.ndarray | float) -> np.ndarray:
+    """Heart cross-section scale against normalised height: an ellipsoid on the diaphragm."""
+    return np.sqrt(np.clip(1 - ((np.asarray(hn) - 0.25) / 0.32) ** 2, 0, None))
+
+
 def lung_region(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: Anatomy) -> np.ndarray:
     """True where (x, y, z) mm (broadcastable arrays) lies in a lung."""
     hn = z / a.lung_height
@@ -146,8 +151,9 @@ def lung_region(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: Anatomy) -> np.n
         d = (((x - side * a.lung_x) / (dome + 1e-6)) ** 2
              + ((y - a.lung_y) / (dome * 0.9 + 1e-6)) ** 2)
         inside &= d >= 1
-    heart = ((x - a.heart_x) / a.heart_a) ** 2 + ((y - a.heart_y) / a.heart_b) ** 2 < 1
-    inside &= ~(heart & (hn < 0.55))
+    hs = _heart_scale(hn) + 1e-6
+    heart = ((x - a.heart_x) / (a.heart_a * hs)) ** 2 + ((y - a.heart_y) / (a.heart_b * hs)) ** 2
+    inside &= heart >= 1
     inside &= np.abs(x) > a.med_half + 0 * y
     spine = (x / (a.spine_r * 1.8)) ** 2 + ((y - a.spine_y) / (a.spine_r * 1.6)) ** 2 < 1
     return inside & ~spine
@@ -180,8 +186,10 @@ def axial_slice(x: np.ndarray, y: np.ndarray, z: float,
         liver = _ellipse(x, y, -a.lung_x * 0.6, a.lung_y, a.lung_a * 1.9, a.lung_b * 0.95) < 1
         liver &= ~lung
         img[liver & (inner < 1)] = HU_LIVER
-    if hn < 0.55:
-        img[_ellipse(x, y, a.heart_x, a.heart_y, a.heart_a * 0.8, a.heart_b * 0.8) < 1] = HU_BLOOD
+    hs = float(_heart_scale(hn))
+    if hs > 0.05:
+        heart = _ellipse(x, y, a.heart_x, a.heart_y, a.heart_a * 0.8 * hs, a.heart_b * 0.8 * hs)
+        img[heart < 1] = HU_BLOOD
     aorta_y = a.spine_y - a.spine_r * 1.9
     img[_ellipse(x, y, a.spine_r * 1.1, aorta_y, a.spine_r * 0.75, a.spine_r * 0.75) < 1] = HU_BLOOD
     if hn > 0.6:  # trachea
