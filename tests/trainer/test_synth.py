@@ -57,7 +57,8 @@ def _hu(path: Path) -> np.ndarray:
 
 def _mask(folder: Path, rel: str) -> np.ndarray:
     """A NIfTI mask as (slices, rows, columns), per the contract's transpose."""
-    return np.asarray(nib.load(folder / rel).dataobj).transpose(2, 1, 0)
+    img: Any = nib.load(folder / rel)
+    return np.asarray(img.dataobj).transpose(2, 1, 0)
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
@@ -119,7 +120,7 @@ def test_masks_align_with_pixels_and_hu(folder: Path, manifest: dict[str, Any]) 
             assert nodule["slice_range"][0] <= z <= nodule["slice_range"][1]
             x, y, w, h = nodule["boxes"][str(z)]
             assert nodules[z, y:y + h, x:x + w].any()
-        nii = nib.load(folder / ct["lung_mask"])
+        nii: Any = nib.load(folder / ct["lung_mask"])
         assert np.allclose(np.abs(np.diag(nii.affine))[:2], ct["pixel_spacing"])
     values = np.concatenate(nodule_values)
     assert values.size, "the tiny set should hold at least one nodule"

@@ -118,7 +118,7 @@ def nodule_entries(phantom: Phantom) -> list[dict[str, Any]]:
 def manifest_entry(s: WrittenStudy) -> dict[str, Any]:
     """One study of ``manifest.json``."""
     g = s.phantom.geometry
-    slice_labels = [int(v) for v in s.phantom.nodule_mask.any(axis=(1, 2))]
+    slice_labels = [int(v) for v in np.asarray(s.phantom.nodule_mask.any(axis=(1, 2)))]
     return {
         "study_id": s.study_id, "split": s.split, "patient_id": s.patient_id,
         "study_instance_uid": s.study_instance_uid,
