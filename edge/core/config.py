@@ -49,6 +49,12 @@ class RepositorySettings(_Section):
     load_all: bool = True
     verify_sha256: bool = True
     warmup: bool = True
+    # Triton's --strict-readiness: the server is ready only when every model it tried to load
+    # is ready; False: ready once the repository was loaded, whatever failed.
+    strict_readiness: bool = True
+    # When a config.pbtxt gives neither inputs nor outputs nor max_batch_size and the model's
+    # first axis is dynamic everywhere, serve it batched up to this size (Triton's default 4).
+    default_max_batch_size: int = Field(4, ge=0)
 
 
 class BackendSettings(_Section):
@@ -64,7 +70,8 @@ class BackendSettings(_Section):
 class SchedulerSettings(_Section):
     """Defaults for models whose config.pbtxt does not say."""
 
-    max_queue_size: int = Field(256, ge=1)
+    max_queue_size: int = Field(256, ge=1)  # requests per model version
+    max_queue_bytes: int = Field(1 << 30, ge=1)  # input bytes queued per model version
     default_max_queue_delay_us: int = Field(0, ge=0)
     aging_ms: float = Field(200.0, gt=0)
 

@@ -1,0 +1,99 @@
+"""Which backend runs a model, and with what options: config.pbtxt over BackendSettings.
+
+Precedence, lowest first: ``BackendSettings``; the config's instance kind and
+``optimization`` block (Triton's semantics: ``KIND_CPU`` keeps a model on the CPU; a
+``gpu_execution_accelerator`` named ``tensorrt`` puts the TensorRT provider first;
+``graph { level }`` -1 disables graph optimisation, 1 is extended); then ``parameters``
+(Triton's ``intra_op_thread_count``/``inter_op_thread_count``, and mededge's ``providers``,
+a comma list, and ``graph_optimization``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge.backends.base import Backend, BackendOptions
+from edge.core.config import BackendSettings
+from edge.core.errors import RepositoryError
+from edge.protos import model_config_pb2
+from edge.repository.model_config import ModelConfig
+
+ONNX_PLATFORMS = ("onnxruntime_onnx",)
+ONNX_BACKENDS = ("onnxruntime",)
+_TRT_EP = "TensorrtExecutionProvider"
+_CUDA_EP = "CUDAExecutionProvider"
+_CPU_EP = "CPUExecutionProvider"
+_KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+def _param(config: ModelConfig, key: str) -> str | None:
+    return config.parameters[key].string_value if key in config.parameters else None
+
+
+def _int_param(config: ModelConfig, key: str, default: int, source: str) -> int:
+    value = _param(config, key)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise RepositoryError(f"{source}: parameters[{key!r}]: not an integer: {value!r}") from exc
+
+
+def backend_options(config: ModelConfig, settings: BackendSettings,
+                    source: str = "config.pbtxt") -> BackendOptions:
+    """The options to open ``config``'s model with.
+
+    Raises:
+        RepositoryError: a parameter has an invalid value; the message names it.
+    """
+    providers = list(settings.providers)
+    trt_params: dict[str, str] = {}
+    accel = config.optimization.execution_accelerators
+    if any(a.name == "tensorrt" for a in accel.gpu_execution_accelerator):
+        providers = [_TRT_EP] + [p for p in providers if p != _TRT_EP]
+        for a in accel.gpu_execution_accelerator:
+            if a.name == "tensorrt":
+                params = dict(a.parameters)
+                if params.get("precision_mode", "").upper() == "FP16":
+                    trt_params["trt_fp16_enable"] = "True"
+                if "max_workspace_size_bytes" in params:
+                    trt_params["trt_max_workspace_size"] = params["max_workspace_size_bytes"]
+    if config.instance_group and all(g.kind == _KIND_CPU for g in config.instance_group):
+        providers = [_CPU_EP]
+    named = _param(config, "providers")
+    if named:
+        providers = [p.strip() for p in named.split(",") if p.strip()]
+
+    graph = settings.graph_optimization
+    if config.optimization.HasField("graph"):
+        level = config.optimization.graph.level
+        graph = {-1: "disable", 1: "extended"}.get(level, "all")
+    graph = _param(config, "graph_optimization") or graph
+    if graph not in ("disable", "basic", "extended", "all"):
+        raise RepositoryError(f"{source}: parameters['graph_optimization']: {graph!r} is not "
+                              "one of disable, basic, extended, all")
+    intra = _int_param(config, "intra_op_thread_count", settings.intra_op_threads, source)
+    inter = _int_param(config, "inter_op_thread_count", settings.inter_op_threads, source)
+    return BackendOptions(
+        providers=tuple(providers), intra_op_threads=max(0, intra),
+        inter_op_threads=max(1, inter), graph_optimization=graph,
+        batched=config.max_batch_size > 0,
+        provider_options={_TRT_EP: trt_params} if trt_params else {})
+
+
+def open_backend(platform: str, path: Path, options: BackendOptions) -> Backend:
+    """Open the model file at ``path`` with the backend for ``platform``.
+
+    ``platform`` is a config's ``backend`` or ``platform`` (``onnxruntime``,
+    ``onnxruntime_onnx``). TensorRT engines and remote backends plug in here.
+
+    Raises:
+        RepositoryError: no backend serves ``platform``, or the file is not a loadable model.
+        BackendError: the runtime could not open the model.
+    """
+    if platform in ONNX_BACKENDS or platform in ONNX_PLATFORMS:
+        from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(path, options)
+    raise RepositoryError(f"{path}: no backend for platform {platform!r} in this build")
