@@ -1,0 +1,317 @@
+"""The KServe v2 ``inference.GRPCInferenceService`` servicer, on top of the ModelManager.
+
+Handlers raise :mod:`edge.core.errors` types and leave the status codes to
+:class:`edge.api.errors.ErrorInterceptor`. The hot path (:meth:`ModelInfer`) is: resolve the
+model, decode raw inputs zero-copy, submit, wait, encode raw outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import json_format, text_format
+
+import edge
+from edge.api.errors import status_for
+from edge.api.metrics import RequestCounters
+from edge.api.statistics import model_statistics_proto, served_models
+from edge.api.tensor_codec import decode_inputs, encode_outputs
+from edge.core.errors import DeadlineExceededError, InvalidInputError
+from edge.core.types import InferenceRequest, InferenceResponse
+from edge.protos import inference_pb2, inference_pb2_grpc, model_config_pb2
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from edge.scheduler.manager import ModelManager, ServedModel
+
+#: ModelConfig parameter carrying the sidecar's task, labels and preprocessing as JSON.
+SIDECAR_PARAMETER = "mededge.sidecar"
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy")
+#: Extra wait past a request's deadline before the front end gives up on the scheduler.
+_DEADLINE_GRACE_S = 1.0
+
+
+def parse_version(text: str) -> int | None:
+    """A request's version string as an int; "" means the server's choice (None).
+
+    Raises:
+        InvalidInputError: not a non-negative integer.
+    """
+    if not text:
+        return None
+    if not text.isdigit():
+        raise InvalidInputError(f"model version must be an integer, got {text!r}")
+    return int(text)
+
+
+def _deadline(request: inference_pb2.ModelInferRequest, context: grpc.ServicerContext
+              ) -> float | None:
+    """The monotonic deadline from the gRPC deadline and Triton's ``timeout`` (microseconds)."""
+    now = time.monotonic()
+    deadline = None
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < 1e8:
+        deadline = now + remaining
+    if "timeout" in request.parameters:
+        param = request.parameters["timeout"]
+        micros = param.int64_param or param.uint64_param
+        if micros > 0:
+            limit = now + micros / 1e6
+            deadline = limit if deadline is None else min(deadline, limit)
+    return deadline
+
+
+def _priority(request: inference_pb2.ModelInferRequest) -> int:
+    if "priority" not in request.parameters:
+        return 0
+    param = request.parameters["priority"]
+    return int(param.uint64_param or param.int64_param)
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    """A request handed to the scheduler, waiting for its result."""
+
+    request: inference_pb2.ModelInferRequest
+    model: ServedModel
+    future: Future[InferenceResponse]
+    deadline: float | None
+    outputs: tuple[str, ...]
+    started_ns: int
+
+
+class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 RPCs served from a :class:`ModelManager`."""
+
+    def __init__(self, manager: ModelManager, counters: RequestCounters) -> None:
+        self._manager = manager
+        self._counters = counters
+
+    # --- health and metadata ----------------------------------------------------------------
+
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return inference_pb2.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return inference_pb2.ServerReadyResponse(ready=self._manager.ready())
+
+    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        ready = self._manager.is_ready(request.name, parse_version(request.version))
+        return inference_pb2.ModelReadyResponse(ready=ready)
+
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return inference_pb2.ServerMetadataResponse(
+            name="mededge", version=edge.__version__, extensions=EXTENSIONS)
+
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        model = self._manager.get(request.name, parse_version(request.version))
+        response = inference_pb2.ModelMetadataResponse(
+            name=model.id.name, platform=model.platform, versions=self._versions(model.id.name))
+        batch = (-1,) if model.max_batch_size > 0 else ()
+        for spec in model.inputs:
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=batch + spec.shape)
+        for spec in model.outputs:
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=batch + spec.shape)
+        return response
+
+    def _versions(self, name: str) -> list[str]:
+        return sorted({str(e.version) for e in self._manager.index()
+                       if e.name == name and e.version is not None and _state(e) == "READY"},
+                      key=int)
+
+    def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
+        model = self._manager.get(request.name, parse_version(request.version))
+        config = model_config_pb2.ModelConfig()
+        config.CopyFrom(model.config)
+        if model.sidecar is not None:
+            sidecar = model.sidecar
+            config.parameters[SIDECAR_PARAMETER].string_value = json.dumps({
+                "task": sidecar.task.value, "labels": list(sidecar.labels),
+                "preprocess": sidecar.preprocess.to_dict(),
+                "thresholds": dict(sidecar.thresholds)})
+        return inference_pb2.ModelConfigResponse(config=config)
+
+    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        version = parse_version(request.version)
+        response = inference_pb2.ModelStatisticsResponse()
+        if request.name:
+            models = [self._manager.get(request.name, version)]
+        else:
+            models = served_models(self._manager)
+        for model in models:
+            response.model_stats.append(model_statistics_proto(model, self._counters))
+        return response
+
+    # --- repository -------------------------------------------------------------------------
+
+    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
+        response = inference_pb2.RepositoryIndexResponse()
+        for entry in self._manager.index():
+            state = _state(entry)
+            if request.ready and state != "READY":
+                continue
+            version = "" if entry.version is None else str(entry.version)
+            response.models.add(name=entry.name, version=version, state=state,
+                                reason=entry.reason or "")
+        return response
+
+    def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
+        config_text = None
+        if "config" in request.parameters:
+            config_text = config_override_text(request.parameters["config"].string_param,
+                                               request.model_name)
+        self._manager.load(request.model_name, config_text)
+        return inference_pb2.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._manager.unload(request.model_name)
+        return inference_pb2.RepositoryModelUnloadResponse()
+
+    # --- inference --------------------------------------------------------------------------
+
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.perf_counter_ns()
+        model = self._manager.get(request.model_name, parse_version(request.model_version))
+        try:
+            submitted = self._submit(model, request, context, started)
+            if not context.add_callback(submitted.future.cancel):
+                submitted.future.cancel()
+            return self._finish(submitted)
+        finally:
+            self._counters.observe(model.id.name, str(model.id.version),
+                                   time.perf_counter_ns() - started)
+
+    def ModelStreamInfer(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+                         ) -> Iterator[Any]:
+        """Requests are submitted as they arrive; responses come back in request order."""
+        pending: queue.SimpleQueue[_Submitted | Any | None] = queue.SimpleQueue()
+
+        def read() -> None:
+            try:
+                for request in request_iterator:
+                    pending.put(self._stream_submit(request, context))
+            except Exception as exc:  # the client went away mid-stream
+                if context.is_active():
+                    pending.put(_stream_error(None, exc))
+            finally:
+                pending.put(None)
+
+        threading.Thread(target=read, name="grpc-stream-reader", daemon=True).start()
+        while (item := pending.get()) is not None:
+            if not isinstance(item, _Submitted):
+                yield item
+                continue
+            try:
+                response = inference_pb2.ModelStreamInferResponse(
+                    infer_response=self._finish(item))
+            except Exception as exc:
+                response = _stream_error(item.request, exc)
+            self._counters.observe(item.model.id.name, str(item.model.id.version),
+                                   time.perf_counter_ns() - item.started_ns)
+            yield response
+
+    def _stream_submit(self, request: Any, context: grpc.ServicerContext) -> _Submitted | Any:
+        started = time.perf_counter_ns()
+        try:
+            model = self._manager.get(request.model_name, parse_version(request.model_version))
+        except Exception as exc:
+            return _stream_error(request, exc)
+        try:
+            return self._submit(model, request, context, started)
+        except Exception as exc:
+            self._counters.observe(model.id.name, str(model.id.version),
+                                   time.perf_counter_ns() - started)
+            return _stream_error(request, exc)
+
+    def _submit(self, model: ServedModel, request: Any, context: grpc.ServicerContext,
+                started: int) -> _Submitted:
+        """Decode and submit.
+
+        Raises:
+            InvalidInputError: undecodable tensors, an unknown output, or inputs the model
+                does not take (counted here as refused).
+            QueueFullError: the model's queue is full (counted by the scheduler).
+        """
+        requested = tuple(o.name for o in request.outputs)
+        known = [spec.name for spec in model.outputs]
+        try:
+            inputs = decode_inputs(request)
+            for name in requested:
+                if name not in known:
+                    raise InvalidInputError(
+                        f"model {model.id.name!r} has no output {name!r} (outputs: {known})")
+            deadline = _deadline(request, context)
+            future = model.submit(InferenceRequest(
+                model=model.id.name, inputs=inputs, version=model.id.version,
+                request_id=request.id, priority=_priority(request), deadline=deadline,
+                outputs=requested))
+        except InvalidInputError:
+            # The scheduler counts rejections for a full queue, not for invalid input.
+            self._counters.refuse(model.id.name, str(model.id.version))
+            raise
+        return _Submitted(request, model, future, deadline, requested or tuple(known), started)
+
+    def _finish(self, submitted: _Submitted) -> Any:
+        """Wait for the result and build the response.
+
+        Raises:
+            DeadlineExceededError: the deadline (plus a grace) passed without a result.
+            MededgeError: whatever the scheduler failed the request with.
+        """
+        timeout = None
+        if submitted.deadline is not None:
+            timeout = max(0.0, submitted.deadline - time.monotonic()) + _DEADLINE_GRACE_S
+        try:
+            result = submitted.future.result(timeout)
+        except TimeoutError as exc:
+            submitted.future.cancel()
+            raise DeadlineExceededError(
+                f"model {submitted.model.id}: deadline passed before execution") from exc
+        request = submitted.request
+        response = inference_pb2.ModelInferResponse(
+            model_name=result.model.name, model_version=str(result.model.version), id=request.id)
+        encode_outputs(response, result.outputs, submitted.outputs)
+        return response
+
+
+def _state(entry: Any) -> str:
+    state = entry.state
+    return str(getattr(state, "value", state))
+
+
+def _stream_error(request: Any | None, exc: BaseException) -> Any:
+    response = inference_pb2.ModelStreamInferResponse(error_message=status_for(exc).message)
+    if request is not None:
+        response.infer_response.model_name = request.model_name
+        response.infer_response.model_version = request.model_version
+        response.infer_response.id = request.id
+    return response
+
+
+def config_override_text(text: str, model_name: str) -> str:
+    """A load request's ``config`` parameter (JSON as Triton takes it, or protobuf text) as
+    config.pbtxt text.
+
+    Raises:
+        InvalidInputError: neither valid JSON nor valid protobuf text for a ModelConfig.
+    """
+    config = model_config_pb2.ModelConfig()
+    try:
+        if text.lstrip().startswith("{"):
+            json_format.Parse(text, config, ignore_unknown_fields=True)
+        else:
+            text_format.Parse(text, config, allow_unknown_field=True)
+    except (json_format.ParseError, text_format.ParseError) as exc:
+        raise InvalidInputError(f"load {model_name!r}: config parameter: {exc}") from exc
+    if config.name and config.name != model_name:
+        raise InvalidInputError(
+            f"load {model_name!r}: config parameter names another model {config.name!r}")
+    return text_format.MessageToString(config)
