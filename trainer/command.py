@@ -1,0 +1,146 @@
+"""``mededge train {classify,segment} --data DIR --repo REPO --model NAME [--epochs N]``.
+
+Loads and preprocesses the data (with ``edge.preprocess``, as serving does), trains with the
+budget below, evaluates the best checkpoint on the held-out split, writes a report folder, then
+exports to ONNX, checks parity and publishes a new version. Under ``torchrun`` every rank
+trains; rank 0 alone evaluates, reports and publishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from edge.core.errors import DataError, MededgeError
+from edge.preprocess.imaging import PreprocessSpec
+from trainer.datasets import CLASSIFY_LABELS, SEGMENT_LABELS, SliceSet, load_data
+
+log = logging.getLogger(__name__)
+
+#: Per task: (epochs, samples per epoch, batch size, learning rate). Sized so each model trains
+#: in a few minutes on a 2-core CPU on `make demo` data.
+DEFAULTS = {
+    "classify": (12, 2048, 32, 2e-3),
+    "segment": (12, 1024, 16, 3e-3),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``mededge train`` flags."""
+    parser.add_argument("task", choices=sorted(DEFAULTS), help="what the model does")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="synthetic folder (manifest.json) or DICOM folder + label CSV")
+    parser.add_argument("--repo", type=Path, required=True, help="model repository")
+    parser.add_argument("--model", required=True, help="model name in the repository")
+    parser.add_argument("--epochs", type=int, help="epochs (default per task)")
+    parser.add_argument("--samples-per-epoch", type=int, help="slices drawn per epoch")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine)")
+    parser.add_argument("--size", type=int, default=128, help="model input height = width")
+    parser.add_argument("--window-center", type=float, default=-600.0, help="HU")
+    parser.add_argument("--window-width", type=float, default=1500.0, help="HU")
+    parser.add_argument("--widths", default="16,32,64,128", help="channels per level")
+    parser.add_argument("--labels-csv", type=Path, help="label CSV of a DICOM folder")
+    parser.add_argument("--label-column", default=None,
+                        help="CSV label column (default: label, or nodule_present)")
+    parser.add_argument("--threshold", type=float,
+                        help="classification threshold (default: Youden's J on validation)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    parser.add_argument("--resume", action="store_true", help="continue from WORK/last.pt")
+    parser.add_argument("--work-dir", type=Path,
+                        help="checkpoints and report (default: REPO/../runs/MODEL)")
+    parser.add_argument("--no-cache", action="store_true", help="do not use the .npz cache")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--parity-atol", type=float, default=1e-4)
+    parser.add_argument("--parity-rtol", type=float, default=1e-4)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="config.pbtxt")
+
+
+def labels_for(task: str) -> tuple[str, ...]:
+    return CLASSIFY_LABELS if task == "classify" else SEGMENT_LABELS
+
+
+def prepare_data(args: argparse.Namespace, spec: PreprocessSpec) -> SliceSet:
+    """Load the data and keep what the task can use.
+
+    Raises:
+        DataError: no data, or no training or validation slices.
+    """
+    from trainer.loop import drop_unlabelled_masks
+
+    column = args.label_column or "label"
+    if args.label_column is None and args.labels_csv is not None:
+        header = args.labels_csv.read_text().splitlines()[:1]
+        if header and "label" not in header[0].split(",") and "nodule_present" in header[0]:
+            column = "nodule_present"
+    data = load_data(args.data, spec, labels=labels_for(args.task), labels_csv=args.labels_csv,
+                     label_column=column, use_cache=not args.no_cache,
+                     progress=not args.no_progress)
+    data.summary.log(str(args.data))
+    if args.task == "segment":
+        data = drop_unlabelled_masks(data)
+    else:
+        from dataclasses import replace
+
+        keep = data.labels >= 0
+        data = replace(data, images=data.images[keep], labels=data.labels[keep],
+                       masks=None if data.masks is None else data.masks[keep],
+                       groups=data.groups[keep], splits=data.splits[keep],
+                       sources=data.sources[keep])
+    for split in ("train", "val"):
+        if not (data.splits == split).any():
+            raise DataError(f"{args.data}: no usable {split} slices for {args.task} "
+                            f"({data.summary.loaded} loaded, {len(data.summary.skipped)} skipped)")
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, evaluate, report, export and publish. Returns the exit code."""
+    import torch
+
+    from trainer import distributed
+    from trainer.export_command import finish
+    from trainer.loop import ClassifyHooks, SegmentHooks, TrainConfig, seed_everything, train
+    from trainer.models import ModelSpec, build_model
+
+    epochs, samples, batch, lr = DEFAULTS[args.task]
+    ctx = distributed.setup(args.device)
+    try:
+        seed_everything(args.seed)
+        spec = PreprocessSpec(height=args.size, width=args.size,
+                              window_center=args.window_center, window_width=args.window_width)
+        data = prepare_data(args, spec)
+        train_set, val_set = data.subset("train"), data.subset("val")
+        labels = labels_for(args.task)
+        mspec = ModelSpec(task=args.task, num_classes=len(labels),
+                          widths=tuple(int(w) for w in args.widths.split(",")))
+        work_dir = args.work_dir or args.repo.resolve().parent / "runs" / args.model
+        cfg = TrainConfig(
+            epochs=args.epochs or epochs, batch_size=args.batch_size or batch,
+            lr=args.lr or lr, samples_per_epoch=args.samples_per_epoch or samples,
+            seed=args.seed, work_dir=work_dir, resume=args.resume, amp=not args.no_amp,
+            progress=not args.no_progress)
+        hooks = ClassifyHooks() if args.task == "classify" else SegmentHooks(labels)
+        meta = {"format": 1, "task": args.task, "labels": list(labels),
+                "model_spec": mspec.to_dict(), "preprocess": spec.to_dict(), "seed": args.seed,
+                "epochs": cfg.epochs, "data": str(args.data),
+                "data_fingerprint": data.fingerprint}
+        log.info("%s: %d train / %d val / %d test slices; %d epochs x %d samples on %s",
+                 args.task, len(train_set), len(val_set), int((data.splits == "test").sum()),
+                 cfg.epochs, cfg.samples_per_epoch, ctx.device)
+        result = train(build_model(mspec), hooks, train_set, val_set, cfg, ctx, meta)
+        if ctx.is_main:
+            state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
+            finish(state, data, repo=args.repo, name=args.model, work_dir=work_dir,
+                   threshold=args.threshold, atol=args.parity_atol, rtol=args.parity_rtol,
+                   max_batch_size=args.max_batch_size, train_seconds=result.seconds)
+        distributed.barrier(ctx)
+    except MededgeError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        distributed.cleanup(ctx)
+    return 0

@@ -1,0 +1,98 @@
+"""The in-memory training set: preprocessed slices, labels, masks, splits, and a load summary."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+CLASSIFY_LABELS = ("no_nodule", "nodule")
+SEGMENT_LABELS = ("background", "lung", "nodule")
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that could not be used, and why (the reason never carries patient data)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoadSummary:
+    """How many slices were loaded and which files were skipped."""
+
+    loaded: int
+    skipped: tuple[SkippedFile, ...] = ()
+
+    def log(self, source: str) -> None:
+        """Log one line per skipped file and a summary line."""
+        for item in self.skipped:
+            log.warning("skipped %s: %s", item.path, item.reason)
+        log.info("%s: %d slices loaded, %d files skipped", source, self.loaded, len(self.skipped))
+
+    def as_dict(self) -> dict[str, object]:
+        return {"loaded": self.loaded, "skipped": len(self.skipped),
+                "skipped_files": [{"path": s.path, "reason": s.reason} for s in self.skipped]}
+
+
+@dataclass(frozen=True)
+class SliceSet:
+    """Preprocessed 2D slices ready for a model.
+
+    ``images`` (N, 1, H, W) float32 in model-input units; ``labels`` (N,) int64 slice class
+    (-1 unknown); ``masks`` (N, H, W) uint8 class-index maps or None; ``groups`` the study (or
+    series) each slice belongs to; ``splits`` one of :data:`SPLITS` per slice; ``sources`` the
+    file each slice came from, relative to the data folder.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None
+    groups: np.ndarray
+    splits: np.ndarray
+    sources: np.ndarray
+    fingerprint: str
+    summary: LoadSummary = field(default_factory=lambda: LoadSummary(0))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, split: str) -> SliceSet:
+        """The slices of one split (``train``, ``val`` or ``test``)."""
+        keep = self.splits == split
+        return replace(
+            self, images=self.images[keep], labels=self.labels[keep],
+            masks=None if self.masks is None else self.masks[keep], groups=self.groups[keep],
+            splits=self.splits[keep], sources=self.sources[keep])
+
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
+    def has_labels(self) -> bool:
+        return bool(len(self)) and bool(np.all(self.labels >= 0))
+
+
+def split_for(group: str, val_fraction: float = 0.15, test_fraction: float = 0.15) -> str:
+    """A deterministic split for a study/series id (by hash), when the data names none."""
+    h = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if h < test_fraction:
+        return "test"
+    if h < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def empty_set(height: int, width: int, fingerprint: str, summary: LoadSummary,
+              with_masks: bool) -> SliceSet:
+    """A SliceSet with no slices (every file was skipped)."""
+    return SliceSet(
+        images=np.zeros((0, 1, height, width), np.float32), labels=np.zeros(0, np.int64),
+        masks=np.zeros((0, height, width), np.uint8) if with_masks else None,
+        groups=np.zeros(0, dtype=object), splits=np.zeros(0, dtype=object),
+        sources=np.zeros(0, dtype=object), fingerprint=fingerprint, summary=summary)

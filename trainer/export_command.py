@@ -1,0 +1,173 @@
+"""``mededge export --checkpoint CK --data DIR --repo REPO --model NAME``: re-export a checkpoint.
+
+Also home of :func:`finish`, the step ``mededge train`` ends with: evaluate the checkpoint on
+the held-out split, write the report folder, export to ONNX, check parity, publish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.core.errors import ExportError, MededgeError
+from edge.core.types import Task
+from edge.preprocess.imaging import PreprocessSpec
+from trainer.datasets import SliceSet
+
+log = logging.getLogger(__name__)
+
+#: Metric names published per task (sidecar ``versions.N.metrics``).
+PUBLISHED = {
+    "classify": ("auc", "accuracy", "sensitivity", "specificity", "f1"),
+    "segment": ("dice_lung", "dice_nodule", "iou_lung", "iou_nodule", "dice_mean"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``mededge export`` flags."""
+    parser.add_argument("--checkpoint", type=Path, required=True, help="best.pt or last.pt")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="data for parity samples and evaluation (as used for training)")
+    parser.add_argument("--repo", type=Path, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--labels-csv", type=Path)
+    parser.add_argument("--label-column", default=None)
+    parser.add_argument("--threshold", type=float)
+    parser.add_argument("--work-dir", type=Path, help="report + ONNX (default: beside CK)")
+    parser.add_argument("--parity-atol", type=float, default=1e-4)
+    parser.add_argument("--parity-rtol", type=float, default=1e-4)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _evaluate(task: str, model: Any, data: SliceSet, labels: tuple[str, ...],
+              threshold: float | None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Metrics on val and on the held-out split (test, else val) and what the plots need."""
+    import torch
+
+    from trainer.metrics import classification_metrics, segmentation_metrics, youden_threshold
+    from trainer.models import predict
+
+    cpu = torch.device("cpu")
+    val = data.subset("val")
+    held = data.subset("test") if (data.splits == "test").any() else val
+    p_val, p_held = predict(model, val.images, cpu), predict(model, held.images, cpu)
+    out: dict[str, dict[str, float]] = {}
+    extra: dict[str, Any] = {"held": held, "held_split": "test" if held is not val else "val"}
+    if task == "classify":
+        thr = threshold if threshold is not None else youden_threshold(val.labels, p_val[:, 1])
+        out["val"] = classification_metrics(val.labels, p_val[:, 1], thr).as_dict()
+        cm = classification_metrics(held.labels, p_held[:, 1], thr)
+        out["held"] = cm.as_dict()
+        extra.update(threshold=thr, counts=cm.counts, score=p_held[:, 1])
+    else:
+        assert val.masks is not None and held.masks is not None
+        out["val"] = segmentation_metrics(p_val.argmax(1), val.masks, labels)
+        out["held"] = segmentation_metrics(p_held.argmax(1), held.masks, labels)
+        extra["pred"] = p_held.argmax(1).astype(np.uint8)
+    return out, extra
+
+
+def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work_dir: Path,
+           threshold: float | None = None, atol: float = 1e-4, rtol: float = 1e-4,
+           max_batch_size: int = 8, train_seconds: float | None = None,
+           external_data_threshold: int | None = None) -> int:
+    """Evaluate ``state``'s model, write ``work_dir/report``, export, check parity, publish.
+
+    Returns the published version.
+
+    Raises:
+        ExportError: export failed or ONNX Runtime disagrees with torch beyond tolerance.
+        RepositoryError: publishing failed.
+    """
+    from trainer import report as rp
+    from trainer.export import (
+        EXTERNAL_DATA_THRESHOLD,
+        export_and_publish,
+        make_sidecar,
+        provenance,
+    )
+    from trainer.models import ModelSpec, build_model
+
+    task, labels = str(state["task"]), tuple(state["labels"])
+    model = build_model(ModelSpec.from_dict(state["model_spec"]))
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    metrics, extra = _evaluate(task, model, data, labels, threshold)
+    held: SliceSet = extra["held"]
+    out = work_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    history = list(state.get("history", []))
+    primary = "auc" if task == "classify" else "dice_mean"
+    if history:
+        rp.plot_learning_curves(history, primary, out / "learning_curves.png")
+    thresholds: dict[str, float] = {}
+    if task == "classify":
+        rp.plot_roc(held.labels, extra["score"], metrics["held"]["auc"], out / "roc.png")
+        rp.plot_confusion(extra["counts"], labels, out / "confusion_matrix.png")
+        thresholds = {labels[1]: float(extra["threshold"])}
+    else:
+        assert held.masks is not None
+        rp.plot_overlays(held.images, held.masks, extra["pred"], labels, out / "overlays.png")
+    summary = {"evaluated_on": extra["held_split"], "slices": len(held),
+               "best_epoch": int(state.get("best_epoch", state.get("epoch", 0))),
+               "train_seconds": train_seconds, "val": metrics["val"],
+               extra["held_split"]: metrics["held"], "load_summary": data.summary.as_dict()}
+    rp.write_metrics_json(out / "metrics.json", {**summary, "history": history})
+    published = {k: float(metrics["held"][k]) for k in PUBLISHED[task]}
+    prov = provenance(fingerprint=str(state.get("data_fingerprint", data.fingerprint)),
+                      seed=int(state.get("seed", 0)),
+                      epochs=int(state.get("epochs", state.get("epoch", 0))),
+                      extra={"best_epoch": summary["best_epoch"]})
+    sidecar = make_sidecar(Task(task), labels, PreprocessSpec.from_dict(state["preprocess"]),
+                           thresholds=thresholds, prov=prov)
+    samples = (data.subset("val").images[:16])
+    version, parity = export_and_publish(
+        model, samples, repo, name, sidecar, metrics=published,
+        report={k: v for k, v in summary.items() if k != "load_summary"}, work_dir=work_dir,
+        atol=atol, rtol=rtol, max_batch_size=max_batch_size,
+        external_data_threshold=external_data_threshold or EXTERNAL_DATA_THRESHOLD)
+    rp.write_metrics_json(out / "metrics.json", {**summary, "history": history,
+                                                 "parity": parity.as_dict(), "version": version})
+    print(f"{name} v{version} ({task}) published to {repo / name}; report in {out}")
+    for split, values in (("val", metrics["val"]), (extra["held_split"], metrics["held"])):
+        shown = {k: round(float(values[k]), 4) for k in PUBLISHED[task]}
+        print(f"  {split:<5} {shown}")
+    print(f"  parity: max abs diff {parity.max_abs_diff:.2e} on {parity.samples} samples")
+    return version
+
+
+def run(args: argparse.Namespace) -> int:
+    """Re-export a checkpoint. Returns the exit code (1 on a data/export/repository error)."""
+    import torch
+
+    from trainer.command import prepare_data
+
+    try:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as exc:
+        log.error("%s: cannot load checkpoint: %s", args.checkpoint, exc)
+        return 1
+    if not isinstance(state, dict) or "model_spec" not in state:
+        log.error("%s: not a mededge training checkpoint", args.checkpoint)
+        return 1
+    spec = PreprocessSpec.from_dict(state["preprocess"])
+    args.task = state["task"]
+    try:
+        data = prepare_data(args, spec)
+        finish(state, data, repo=args.repo, name=args.model,
+               work_dir=args.work_dir or args.checkpoint.resolve().parent,
+               threshold=args.threshold, atol=args.parity_atol, rtol=args.parity_rtol,
+               max_batch_size=args.max_batch_size)
+    except ExportError as exc:
+        log.error("export failed: %s", exc)
+        return 1
+    except MededgeError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

@@ -1,0 +1,261 @@
+"""The training loop: sampling, augmentation, AMP, DDP, evaluation, best/last checkpoints.
+
+Task-specific parts (targets, loss, sample weights, metrics) are small hook objects
+(:class:`ClassifyHooks`, :class:`SegmentHooks`); the loop itself knows nothing about tasks.
+Only rank 0 evaluates and writes; every rank resumes from the same ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from tqdm import tqdm
+
+from trainer.augment import AugmentSpec, augment_batch
+from trainer.datasets import IGNORE, SliceSet
+from trainer.distributed import DistContext, ShardedWeightedSampler, barrier
+from trainer.metrics import classification_metrics, segmentation_metrics
+from trainer.models import predict
+
+log = logging.getLogger(__name__)
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training budget and bookkeeping of one run."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    samples_per_epoch: int
+    seed: int
+    work_dir: Path
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    resume: bool = False
+    amp: bool = True  # only takes effect on CUDA
+    progress: bool = True
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+
+class TaskHooks(Protocol):
+    """What the loop needs to know about a task."""
+
+    primary_metric: str
+
+    def sample_weights(self, data: SliceSet) -> np.ndarray: ...
+    def targets(self, data: SliceSet, idx: np.ndarray) -> torch.Tensor: ...
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+    def evaluate(self, probs: np.ndarray, data: SliceSet) -> dict[str, float]: ...
+
+
+class ClassifyHooks:
+    """Slice classification: balanced sampling, cross-entropy, AUC on validation."""
+
+    primary_metric = "auc"
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+        self._ce = torch.nn.CrossEntropyLoss()
+
+    def sample_weights(self, data: SliceSet) -> np.ndarray:
+        counts = np.bincount(data.labels, minlength=2).astype(np.float64)
+        return 1.0 / np.maximum(counts, 1)[data.labels]
+
+    def targets(self, data: SliceSet, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(data.labels[idx])
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._ce(logits.float(), target)
+
+    def evaluate(self, probs: np.ndarray, data: SliceSet) -> dict[str, float]:
+        m = classification_metrics(data.labels, probs[:, 1], self.threshold).as_dict()
+        if math.isnan(m["auc"]):  # one class only: fall back so "best" still means something
+            m["auc"] = m["accuracy"]
+        return m
+
+
+class SegmentHooks:
+    """Lung + nodule segmentation: nodule slices oversampled, Dice+CE, mean foreground Dice."""
+
+    primary_metric = "dice_mean"
+
+    def __init__(self, labels: tuple[str, ...], nodule_share: float = 0.3) -> None:
+        self.labels = labels
+        self.nodule_share = nodule_share
+        self._loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+    def sample_weights(self, data: SliceSet) -> np.ndarray:
+        assert data.masks is not None
+        has_nodule = (data.masks == len(self.labels) - 1).any(axis=(1, 2))
+        n_pos = int(has_nodule.sum())
+        if n_pos == 0 or n_pos == len(data):
+            return np.ones(len(data))
+        w_pos = self.nodule_share / n_pos
+        w_neg = (1 - self.nodule_share) / (len(data) - n_pos)
+        return np.where(has_nodule, w_pos, w_neg)
+
+    def targets(self, data: SliceSet, idx: np.ndarray) -> torch.Tensor:
+        assert data.masks is not None
+        return torch.from_numpy(data.masks[idx].astype(np.int64))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._loss(logits.float(), target[:, None])
+
+    def evaluate(self, probs: np.ndarray, data: SliceSet) -> dict[str, float]:
+        assert data.masks is not None
+        return segmentation_metrics(probs.argmax(axis=1), data.masks, self.labels)
+
+
+def drop_unlabelled_masks(data: SliceSet) -> SliceSet:
+    """Keep only slices whose mask is a real reference (no :data:`IGNORE` pixels)."""
+    if data.masks is None:
+        return data
+    keep = ~(data.masks == IGNORE).any(axis=(1, 2))
+    from dataclasses import replace
+    return replace(data, images=data.images[keep], labels=data.labels[keep],
+                   masks=data.masks[keep], groups=data.groups[keep], splits=data.splits[keep],
+                   sources=data.sources[keep])
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; ask torch for deterministic kernels where it has them."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def save_atomically(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename (a crash never leaves half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced: the per-epoch history and where the best weights are."""
+
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_metric: float
+    best_checkpoint: Path
+    seconds: float
+
+
+def _schedule(total_steps: int, warmup_fraction: float):  # type: ignore[no-untyped-def]
+    warm = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set: SliceSet,
+          cfg: TrainConfig, ctx: DistContext, meta: dict[str, Any]) -> TrainResult:
+    """Train ``model`` and keep the checkpoint with the best validation ``primary_metric``.
+
+    ``meta`` (task, labels, model spec, preprocessing, provenance) is stored in every
+    checkpoint so ``mededge export`` can rebuild and publish the model from it alone.
+
+    Raises:
+        ValueError: the training or validation set is empty.
+        FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt``.
+    """
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError(f"need training and validation slices, got {len(train_set)} and "
+                         f"{len(val_set)}")
+    started = time.monotonic()
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    device = ctx.device
+    model.to(device)
+    net: torch.nn.Module = model
+    if ctx.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = math.ceil(cfg.samples_per_epoch / (cfg.batch_size * ctx.world_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _schedule(cfg.epochs * steps, cfg.warmup_fraction))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    sampler = ShardedWeightedSampler(hooks.sample_weights(train_set), cfg.samples_per_epoch,
+                                     rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+    history: list[dict[str, float]] = []
+    best_metric, best_epoch, start_epoch = -math.inf, 0, 1
+    if cfg.resume:
+        ck = torch.load(cfg.work_dir / LAST, map_location=device, weights_only=False)
+        model.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        history, best_metric, best_epoch = ck["history"], ck["best_metric"], ck["best_epoch"]
+        start_epoch = ck["epoch"] + 1
+        log.info("resumed from %s at epoch %d", cfg.work_dir / LAST, start_epoch)
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.monotonic()
+        sampler.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + ctx.rank)
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+        net.train()
+        losses = []
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
+                   unit="batch", disable=not (cfg.progress and ctx.is_main), leave=False)
+        for start in bar:
+            idx = order[start:start + cfg.batch_size]
+            x = torch.from_numpy(train_set.images[idx]).to(device)
+            y = hooks.targets(train_set, idx).to(device)
+            x, y_aug = augment_batch(x, y if y.ndim == 3 else None, cfg.augment, gen)
+            y = y_aug if y_aug is not None else y
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                loss = hooks.loss(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        row: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                                 "lr": float(sched.get_last_lr()[0])}
+        if ctx.is_main:
+            probs = predict(model, val_set.images, device)
+            row.update({f"val_{k}": v for k, v in hooks.evaluate(probs, val_set).items()})
+            row["seconds"] = time.monotonic() - t0
+            history.append(row)
+            metric = row[f"val_{hooks.primary_metric}"]
+            state = {**meta, "state_dict": model.state_dict(), "epoch": epoch,
+                     "history": history, "best_metric": best_metric, "best_epoch": best_epoch}
+            if metric > best_metric:
+                best_metric, best_epoch = metric, epoch
+                state.update(best_metric=best_metric, best_epoch=best_epoch)
+                save_atomically(state, cfg.work_dir / BEST)
+            save_atomically({**state, "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
+                            cfg.work_dir / LAST)
+            log.info("epoch %d/%d loss %.4f val %s %.4f (best %.4f @ %d) %.1fs", epoch,
+                     cfg.epochs, row["train_loss"], hooks.primary_metric, metric, best_metric,
+                     best_epoch, row["seconds"])
+        barrier(ctx)
+    return TrainResult(history=history, best_epoch=best_epoch, best_metric=best_metric,
+                       best_checkpoint=cfg.work_dir / BEST, seconds=time.monotonic() - started)
