@@ -268,6 +268,9 @@ class ModelManager:
                 and (name, version) not in self._status:
             raise ModelNotFoundError(f"{name}: unknown version {version}")
         status = self._status.get((name, version)) or self._status.get((name, None))
+        if status is None and version is None:  # the newest version's reason
+            known = sorted(k[1] for k in self._status if k[0] == name and k[1] is not None)
+            status = self._status.get((name, known[-1])) if known else None
         reason = f": {status.reason}" if status and status.reason else ""
         label = name if version is None else f"{name}:{version}"
         raise ModelNotReadyError(f"{label} is not ready{reason}")

@@ -140,8 +140,7 @@ class ServedModel:
         nbytes = sum(a.nbytes for a in inputs.values())
         item = Pending(request, inputs, future, level, deadline_ns, size, nbytes,
                        shape_key(inputs) if self._policy.batches_requests else None, outputs)
-        future.pending = item
-        future.queue = self._queue
+        future.on_cancel = lambda: self._cancelled(item)
         try:
             self._queue.put(item)
         except QueueFullError:
@@ -239,6 +238,10 @@ class ServedModel:
             if _settle(item.future, result=response):
                 self._stats.record_success(end - item.enqueue_ns, start - item.enqueue_ns,
                                            input_ns, infer_ns, output_ns)
+
+    def _cancelled(self, item: Pending) -> None:
+        if self._queue.remove(item):
+            self._stats.record_failure(time.monotonic_ns() - item.enqueue_ns, REASON_CANCELED)
 
     def _expire(self, item: Pending) -> None:
         if not self._queue.remove(item) and item.state != TAKEN:

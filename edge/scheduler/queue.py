@@ -14,6 +14,7 @@ import heapq
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -28,17 +29,17 @@ _NO_DEADLINE = 1 << 62
 
 
 class RequestFuture(Future[InferenceResponse]):
-    """A Future whose ``cancel()`` also takes its request out of the queue at once."""
+    """A Future whose ``cancel()`` also takes its request out of the queue at once (through
+    ``on_cancel``); a request already executing cannot be cancelled, as with any Future."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.pending: Pending | None = None
-        self.queue: RequestQueue | None = None
+        self.on_cancel: Callable[[], None] | None = None
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
-        if cancelled and self.pending is not None and self.queue is not None:
-            self.queue.remove(self.pending)
+        if cancelled and self.on_cancel is not None:
+            self.on_cancel()
         return cancelled
 
 

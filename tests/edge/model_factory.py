@@ -15,6 +15,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edge.core.config import load_settings
+from edge.repository.loader import read_model
+from edge.scheduler.loading import load_version
+from edge.scheduler.model import ServedModel
+
 OPSET = 17
 
 
@@ -107,3 +112,11 @@ def write_add_scale_repo(repo: Path, name: str = "add", versions: tuple[int, ...
     (repo / name / "config.pbtxt").write_text(config if config is not None
                                               else add_scale_config(name))
     return repo / name
+
+
+def served(repo: Path, name: str, **scheduler: object) -> ServedModel:
+    """Load ``repo/name``'s selected latest version as a ServedModel (caller closes it)."""
+    settings = load_settings(overrides={"server": {"model_repository": str(repo)},
+                                        "scheduler": dict(scheduler)}, environ={})
+    source = read_model(repo, name)
+    return load_version(source, source.versions[-1], settings)
