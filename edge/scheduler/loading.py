@@ -8,6 +8,7 @@ config against the model, warm every instance up.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from edge.backends.base import Backend
@@ -85,6 +86,10 @@ def load_version(source: ModelSource, version: VersionSource, settings: Settings
     config = ModelConfig()
     config.CopyFrom(source.config)
     options = backend_options(config, settings.backend, where)
+    count = instance_count(config)
+    if count > 1 and options.intra_op_threads == 0:
+        # N sessions each taking every core oversubscribe the CPU; share the cores out.
+        options = replace(options, intra_op_threads=max(1, (os.cpu_count() or 1) // count))
     backends: list[Backend] = []
     try:
         first = open_backend(source.platform, version.model_path, options)
@@ -106,7 +111,7 @@ def load_version(source: ModelSource, version: VersionSource, settings: Settings
         outputs = _merge_specs("output", declared_out, first.outputs, where, require_all=False)
         shared = config.parameters["share_session"].string_value.lower() in ("1", "true") \
             if "share_session" in config.parameters else False
-        for _ in range(instance_count(config) - 1):
+        for _ in range(count - 1):
             backends.append(first if shared else
                             open_backend(source.platform, version.model_path, options))
         if settings.repository.warmup:

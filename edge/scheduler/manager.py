@@ -209,8 +209,7 @@ class ModelManager:
         with self._name_lock(name):
             if name not in self._wanted and name not in self._served:
                 raise ModelNotFoundError(f"{name}: unknown model")
-            self._wanted.discard(name)
-            self._seen.pop(name, None)
+            self._wanted.discard(name)  # polling leaves it unloaded until its files change
             self._retire(name, self._swap(name, {}), self._settings.server.drain_timeout_s,
                          "unloaded")
             self._set_status(name, None, ModelState.UNAVAILABLE, "unloaded")
