@@ -1,0 +1,37 @@
+"""``mededge bench``: benchmarks that print ratios against a reference measured in the same run.
+
+``mededge bench serve --work DIR``: serving overhead of mededge vs raw ONNX Runtime vs Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    serve = sub.add_parser("serve", help="mededge vs raw ONNX Runtime vs Triton")
+    serve.add_argument("--work", type=Path, default=Path("work/bench"),
+                       help="folder for the models, the table and the JSON results")
+    serve.add_argument("--models", default="resnet18,unet2d",
+                       help="comma-separated: resnet18, unet2d")
+    serve.add_argument("--clients", type=int, default=8, help="concurrent client processes")
+    serve.add_argument("--batch", type=int, default=1, help="batch size of the throughput run")
+    serve.add_argument("--seconds", type=float, default=8.0, help="length of each measurement")
+    serve.add_argument("--threads", type=int, default=0,
+                       help="ONNX Runtime intra-op threads for all systems (0: its default)")
+    serve.add_argument("--no-triton", action="store_true", help="skip the Triton reference")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge.tools import bench_serve
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in bench_serve.MODELS]
+    if unknown:
+        print(f"mededge bench serve: unknown model(s) {unknown}; choose from "
+              f"{sorted(bench_serve.MODELS)}")
+        return 2
+    return bench_serve.main(args.work, models, args.batch, args.clients, args.seconds,
+                            args.threads, not args.no_triton)
