@@ -76,6 +76,44 @@ class SchedulerSettings(_Section):
     aging_ms: float = Field(200.0, gt=0)
 
 
+#: AE titles: 1-16 characters of the default repertoire, no backslash or control characters,
+#: not only spaces (PS3.5 Table 6.2-1, VR AE).
+_AE_TITLE = r"^ *[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]*$"
+
+
+class DicomPeer(_Section):
+    """A calling AE title allowed to associate, optionally only from one host (name or IP)."""
+
+    ae_title: str = Field(pattern=_AE_TITLE, max_length=16)
+    host: str | None = None
+
+
+class DicomSettings(_Section):
+    """The DICOM listener (storage SCP). An empty ``peers`` list accepts any calling AE."""
+
+    port: int = Field(default=11112, ge=0, le=65535)
+    ae_title: str = Field(default="MEDEDGE", pattern=_AE_TITLE, max_length=16)
+    bind: str | None = None  # None: server.bind
+    peers: tuple[DicomPeer, ...] = ()
+    require_called_aet: bool = True
+    max_pdu: int = Field(default=131072, ge=0)  # 0: unlimited
+    max_associations: int = Field(default=16, ge=1)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=30.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class SpoolSettings(_Section):
+    """Where received instances are kept, and when the box stops accepting or cleans up."""
+
+    dir: Path | None = None  # None: <server.data_dir>/spool
+    ledger: Path | None = None  # None: <server.data_dir>/ledger.sqlite3
+    # Below this free space: C-STORE answers A700 and associations are refused.
+    min_free_bytes: int = Field(default=2 * 1024**3, ge=0)
+    retention_max_age_s: float = Field(default=7 * 86400.0, gt=0)
+    retention_min_free_bytes: int = Field(default=10 * 1024**3, ge=0)  # clean-up target
+
+
 class Settings(_Section):
     """Every setting of the service."""
 
@@ -84,6 +122,8 @@ class Settings(_Section):
     repository: RepositorySettings = RepositorySettings()
     backend: BackendSettings = BackendSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    dicom: DicomSettings = DicomSettings()
+    spool: SpoolSettings = SpoolSettings()
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
