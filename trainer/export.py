@@ -13,6 +13,7 @@ import logging
 import platform
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +74,15 @@ def export_onnx(model: torch.nn.Module, example: np.ndarray, out_dir: Path, *, o
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         raw = Path(tmp) / ONNX_FILE
         try:
-            torch.onnx.export(
-                model, (x,), str(raw), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                do_constant_folding=True)
+            with warnings.catch_warnings():
+                # The TorchScript exporter is chosen on purpose (see module doc); its
+                # deprecation warnings would only be noise here.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    model, (x,), str(raw), dynamo=False, opset_version=opset,
+                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    do_constant_folding=True)
             proto = onnx.load(str(raw))
             onnx.checker.check_model(proto, full_check=True)
         except Exception as exc:  # the exporter raises many types

@@ -1,0 +1,177 @@
+"""Datasets on a tiny synthetic folder: synthetic loader, user DICOM folder + CSV with a corrupt
+file, NIfTI and DICOM SEG masks, COCO boxes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from edge.cli import main as cli
+from edge.core.errors import DataError
+from edge.preprocess.imaging import PreprocessSpec
+from trainer.datasets import SEGMENT_LABELS, load_coco, load_dicom_folder, load_synthetic
+from trainer.datasets.masks import combine_lung_nodule, fit_mask, read_nifti_slices
+
+SPEC = PreprocessSpec(height=32, width=32, window_center=-600, window_width=1500)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    assert cli(["synth", "--out", str(out), "--studies", "3", "--seed", "5", "--size", "64",
+                "--slices-min", "8", "--slices-max", "10", "--quiet"]) == 0
+    return out
+
+
+def _manifest(data: Path) -> dict:
+    return json.loads((data / "manifest.json").read_text())
+
+
+def test_synthetic_loader_shapes_labels_masks_and_cache(synth: Path) -> None:
+    manifest = _manifest(synth)
+    n = sum(len(s["ct"]["files"]) for s in manifest["studies"])
+    data = load_synthetic(synth, SPEC, progress=False)
+    assert len(data) == n and data.images.shape == (n, 1, 32, 32)
+    assert data.masks is not None and set(np.unique(data.masks)) <= {0, 1, 2}
+    expected = [y for s in manifest["studies"] for y in s["ct"]["slice_labels"]]
+    assert data.labels.tolist() == expected
+    assert set(data.splits) <= {"train", "val", "test"}
+    again = load_synthetic(synth, SPEC, progress=False)  # from the .npz cache
+    np.testing.assert_array_equal(again.images, data.images)
+    assert data.fingerprint.startswith("sha256:") and again.fingerprint == data.fingerprint
+
+
+def test_nifti_orientation_matches_docs(synth: Path) -> None:
+    study = _manifest(synth)["studies"][0]
+    lung = read_nifti_slices(synth / study["ct"]["lung_mask"])
+    assert lung.shape == (len(study["ct"]["files"]), study["ct"]["rows"], study["ct"]["columns"])
+
+
+def _user_folder(synth: Path, tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
+    user = tmp_path / "user"
+    rows = []
+    for study in _manifest(synth)["studies"]:
+        for i, name in enumerate(study["ct"]["files"]):
+            rel = f"{study['study_id']}/{name}"
+            (user / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(synth / study["ct"]["dir"] / name, user / rel)
+            rows.append({"file": rel, "label": str(study["ct"]["slice_labels"][i]),
+                         "study_id": study["study_id"], "split": study["split"]})
+    return user, rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_corrupt_dicom_is_skipped_and_reported(synth: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    user, rows = _user_folder(synth, tmp_path)
+    bad = user / rows[3]["file"]
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated mid-header
+    csv_path = _write_csv(user / "labels.csv", rows)
+    data = load_dicom_folder(user, csv_path, SPEC, labels=("no_nodule", "nodule"),
+                             progress=False)
+    assert len(data) == len(rows) - 1
+    assert [s.path for s in data.summary.skipped] == [rows[3]["file"]]
+    with caplog.at_level(logging.WARNING):
+        data.summary.log("user")
+    assert rows[3]["file"] in caplog.text
+    assert data.labels.tolist() == [int(r["label"]) for i, r in enumerate(rows) if i != 3]
+
+
+def test_rows_by_sop_instance_uid_and_label_names(synth: Path, tmp_path: Path) -> None:
+    user, rows = _user_folder(synth, tmp_path)
+    (user / "notes.bin").write_bytes(b"not dicom")  # indexed, skipped, never fatal
+    by_uid = []
+    for r in rows[:4]:
+        uid = pydicom.dcmread(user / r["file"], stop_before_pixels=True).SOPInstanceUID
+        by_uid.append({"sop_instance_uid": uid,
+                       "label": "nodule" if r["label"] == "1" else "no_nodule"})
+    by_uid.append({"sop_instance_uid": "1.2.3.4", "label": "nodule"})  # no such file
+    data = load_dicom_folder(user, _write_csv(tmp_path / "uids.csv", by_uid), SPEC,
+                             labels=("no_nodule", "nodule"), progress=False)
+    assert len(data) == 4
+    assert data.labels.tolist() == [int(r["label"]) for r in rows[:4]]
+    reasons = " ".join(s.reason for s in data.summary.skipped)
+    assert "sop_instance_uid" in reasons and "not readable as DICOM" in reasons
+
+
+def test_missing_label_column_raises(synth: Path, tmp_path: Path) -> None:
+    user, rows = _user_folder(synth, tmp_path)
+    csv_path = _write_csv(tmp_path / "x.csv", [{"file": r["file"]} for r in rows])
+    with pytest.raises(DataError, match="label column"):
+        load_dicom_folder(user, csv_path, SPEC, labels=("a", "b"), progress=False)
+
+
+def test_nifti_and_seg_masks_through_the_csv(synth: Path, tmp_path: Path) -> None:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    study = _manifest(synth)["studies"][0]
+    lung = read_nifti_slices(synth / study["ct"]["lung_mask"])
+    nodule = read_nifti_slices(synth / study["ct"]["nodule_mask"])
+    reference = combine_lung_nodule(lung, nodule)
+    paths = [synth / study["ct"]["dir"] / f for f in study["ct"]["files"][:3]]
+    sources = [pydicom.dcmread(p) for p in paths]
+    desc = [hd.seg.SegmentDescription(
+        segment_number=k, segment_label=name,
+        segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Lung,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for k, name in ((1, "lung"), (2, "nodule"))]
+    pixels = np.stack([reference[:3] == 1, reference[:3] == 2], axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=desc,
+        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test",
+        software_versions="0", device_serial_number="0", omit_empty_frames=False)
+    user = tmp_path / "seg"
+    user.mkdir()
+    seg.save_as(user / "mask.dcm")
+    shutil.copyfile(synth / study["ct"]["lung_mask"], user / "lung.nii.gz")
+    rows = []
+    for i, p in enumerate(paths):
+        shutil.copyfile(p, user / p.name)
+        rows.append({"file": p.name, "label": "0", "mask": "mask.dcm", "slice_index": ""})
+        rows.append({"file": p.name, "label": "0", "mask": "lung.nii.gz",
+                     "slice_index": str(i)})
+    data = load_dicom_folder(user, _write_csv(user / "labels.csv", rows), SPEC,
+                             labels=("no_nodule", "nodule"), mask_labels=SEGMENT_LABELS,
+                             progress=False)
+    assert len(data) == 6 and not data.summary.skipped and data.masks is not None
+    for i in range(3):
+        np.testing.assert_array_equal(data.masks[2 * i], fit_mask(reference[i], SPEC))
+        np.testing.assert_array_equal(data.masks[2 * i + 1], fit_mask(lung[i], SPEC))
+
+
+def test_coco_boxes_validate(synth: Path, tmp_path: Path) -> None:
+    coco_path = synth / "labels" / "boxes_coco.json"
+    coco = load_coco(coco_path, synth)
+    assert not coco.skipped and coco.images and "nodule" in coco.categories.values()
+    doc = json.loads(coco_path.read_text())
+    img = doc["images"][0]
+    doc["annotations"] += [
+        {"id": 9001, "image_id": img["id"], "category_id": doc["categories"][0]["id"],
+         "bbox": [img["width"] - 1, 0, 5, 5]},  # outside the image
+        {"id": 9002, "image_id": -7, "category_id": doc["categories"][0]["id"],
+         "bbox": [0, 0, 1, 1]},  # unknown image
+    ]
+    bad = tmp_path / "coco.json"
+    bad.write_text(json.dumps(doc))
+    checked = load_coco(bad)
+    assert len(checked.boxes) == len(coco.boxes) and len(checked.skipped) == 2
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(DataError, match="broken.json"):
+        load_coco(tmp_path / "broken.json")
