@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--seconds", type=float, default=8.0, help="length of each measurement")
     serve.add_argument("--threads", type=int, default=0,
                        help="ONNX Runtime intra-op threads for all systems (0: its default)")
+    serve.add_argument("--rounds", type=int, default=3,
+                       help="interleaved rounds (raw, mededge, Triton); medians reported")
     serve.add_argument("--no-triton", action="store_true", help="skip the Triton reference")
 
 
@@ -34,4 +36,4 @@ def run(args: argparse.Namespace) -> int:
               f"{sorted(bench_serve.MODELS)}")
         return 2
     return bench_serve.main(args.work, models, args.batch, args.clients, args.seconds,
-                            args.threads, not args.no_triton)
+                            args.threads, not args.no_triton, args.rounds)

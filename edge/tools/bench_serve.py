@@ -71,7 +71,7 @@ def _session(path: Path, threads: int):  # -> ort.InferenceSession
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def bench_raw(path: Path, spec: BenchModel, batch: int, clients: int, seconds: float,
+def bench_raw(path: Path, spec: BenchModel, batch: int, seconds: float,
               threads: int) -> Result:
     session = _session(path, threads)
     x = np.random.default_rng(0).random((batch, *spec.shape), dtype=np.float32)
@@ -85,22 +85,17 @@ def bench_raw(path: Path, spec: BenchModel, batch: int, clients: int, seconds: f
         session.run(None, feed)
         latencies.append(time.perf_counter() - t)
     p50, p99 = _percentiles(latencies)
-    done = [0] * clients
-    stop = time.perf_counter() + seconds
-
-    def worker(i: int) -> None:
-        while time.perf_counter() < stop:
-            session.run(None, feed)
-            done[i] += batch
-
-    workers = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    # Throughput reference: back-to-back runs at the same batch size (what the scheduler's one
+    # execution at a time can at best achieve); ONNX Runtime uses every core inside a run.
+    batch_feed = {spec.input: np.random.default_rng(1).random((batch, *spec.shape),
+                                                                dtype=np.float32)}
+    items = 0
     start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    while time.perf_counter() - start < seconds:
+        session.run(None, batch_feed)
+        items += batch
     return Result(spec.name, "onnxruntime (raw)", p50, p99,
-                  sum(done) / (time.perf_counter() - start))
+                  items / (time.perf_counter() - start))
 
 
 # --- gRPC clients in processes --------------------------------------------------------------
@@ -226,42 +221,53 @@ def _stop(proc: subprocess.Popen) -> None:
 
 # --- the run ----------------------------------------------------------------------------------
 
+def _median(rows: list[Result]) -> Result:
+    first = rows[0]
+    return Result(first.model, first.system,
+                  float(np.median([r.p50_ms for r in rows])),
+                  float(np.median([r.p99_ms for r in rows])),
+                  float(np.median([r.throughput for r in rows])),
+                  f"median of {len(rows)} rounds")
+
+
 def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: float,
-              threads: int, triton: bool) -> list[Result]:
-    """Build the models under ``work/repo`` and measure every system; returns the rows."""
+              threads: int, triton: bool, rounds: int = 3) -> list[Result]:
+    """Build the models under ``work/repo`` and measure every system in interleaved rounds
+    (raw, mededge, Triton, raw, ...) so that load from elsewhere on the machine hits all three
+    alike; each figure is the median over the rounds."""
     repo = work / "repo"
     results: list[Result] = []
     specs = []
     for name in models:
         build, spec = MODELS[name]
-        path = write_model(repo, name, build())
-        specs.append((path, spec))
+        specs.append((write_model(repo, name, build()), spec))
     proc, url = start_mededge(repo, work, threads)
     try:
-        served = {spec.name: bench_server("mededge", url, spec, batch, clients, seconds)
-                  for _, spec in specs}
+        for index, (path, spec) in enumerate(specs):
+            tproc, turl, note = None, "", "skipped"
+            if triton:
+                try:
+                    tproc, turl = start_triton(path, spec, threads, 18001 + 10 * index)
+                except (RuntimeError, OSError) as exc:
+                    note = f"unavailable: {str(exc).splitlines()[0][:120]}"
+            rows: dict[str, list[Result]] = {"raw": [], "mededge": [], "triton": []}
+            try:
+                for round_ in range(rounds):
+                    log.info("bench %s: round %d/%d", spec.name, round_ + 1, rounds)
+                    rows["raw"].append(bench_raw(path, spec, batch, seconds, threads))
+                    rows["mededge"].append(
+                        bench_server("mededge", url, spec, batch, clients, seconds))
+                    if tproc is not None:
+                        rows["triton"].append(bench_server(
+                            "triton (pytriton)", turl, spec, batch, clients, seconds))
+            finally:
+                if tproc is not None:
+                    _stop(tproc)
+            results += [_median(rows["raw"]), _median(rows["mededge"])]
+            results.append(_median(rows["triton"]) if rows["triton"]
+                           else Result(spec.name, "triton (pytriton)", note=note))
     finally:
         _stop(proc)
-    for path, spec in specs:
-        log.info("bench %s: raw onnxruntime", spec.name)
-        results.append(bench_raw(path, spec, batch, clients, seconds, threads))
-        results.append(served[spec.name])
-        if not triton:
-            results.append(Result(spec.name, "triton (pytriton)", note="skipped"))
-            continue
-        try:
-            tproc, turl = start_triton(path, spec, threads, 18001)
-        except (RuntimeError, OSError) as exc:
-            results.append(Result(spec.name, "triton (pytriton)", note=f"unavailable: {exc}"
-                                  .splitlines()[0][:120]))
-            continue
-        try:
-            results.append(bench_server("triton (pytriton)", turl, spec, batch, clients,
-                                        seconds))
-        except Exception as exc:  # a failing reference is reported, not fatal
-            results.append(Result(spec.name, "triton (pytriton)", note=f"failed: {exc}"[:120]))
-        finally:
-            _stop(tproc)
     return results
 
 
@@ -283,12 +289,13 @@ def markdown(results: list[Result], batch: int, clients: int) -> str:
 
 
 def main(work: Path, models: list[str], batch: int, clients: int, seconds: float,
-         threads: int, triton: bool) -> int:
+         threads: int, triton: bool, rounds: int = 3) -> int:
     work.mkdir(parents=True, exist_ok=True)
-    results = run_bench(work, models, batch, clients, seconds, threads, triton)
+    results = run_bench(work, models, batch, clients, seconds, threads, triton, rounds)
     table = markdown(results, batch, clients)
     header = (f"mededge bench serve: {os.cpu_count()} CPUs, ONNX Runtime CPU, "
-              f"intra-op threads {threads or 'default'}, {seconds:.0f} s per measurement\n\n")
+              f"intra-op threads {threads or 'default'}, {seconds:.0f} s per measurement, "
+              f"median of {rounds} interleaved rounds; raw throughput = back-to-back runs\n\n")
     (work / "bench_serve.md").write_text(header + table)
     (work / "bench_serve.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
     print(header + table)
