@@ -1,7 +1,9 @@
 """Generate the Python protobuf and gRPC modules in ``edge/protos`` from ``proto/*.proto``.
 
 Run as ``python proto/generate.py [OUT_DIR]`` (``make proto``). Imports between generated modules
-are rewritten to package-absolute form so ``edge.protos`` is importable from anywhere.
+are rewritten to package-absolute form so ``edge.protos`` is importable from anywhere, and the
+descriptors are registered in ``edge.protos.POOL`` instead of protobuf's default pool, so the
+process can also import ``tritonclient.grpc`` (which registers files of the same names).
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def generate(out_dir: Path) -> list[Path]:
         text = path.read_text()
         text = re.sub(r"^import (\w+_pb2) as", rf"from {PACKAGE} import \1 as", text, flags=re.M)
         text = re.sub(r"^from (mededge\.v1) import", rf"from {PACKAGE}.\1 import", text, flags=re.M)
+        # our descriptors live in a private pool: tritonclient registers files of the same
+        # names (model_config.proto, package inference) in the default pool
+        text = text.replace("_descriptor_pool.Default()", "_edge_pool")
+        text = text.replace("from google.protobuf.internal import builder as _builder\n",
+                            "from google.protobuf.internal import builder as _builder\n"
+                            f"from {PACKAGE} import POOL as _edge_pool\n")
         path.write_text(text)
     for folder in {p.parent for p in written}:
         init = folder / "__init__.py"

@@ -11,16 +11,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edge.api.errors import ErrorInterceptor
 from edge.api.inference_service import InferenceServicer
 from edge.core.config import GrpcSettings
 from edge.core.errors import ConfigError
-from edge.protos import inference_pb2, inference_pb2_grpc
+from edge.protos import POOL, inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Our private descriptor pool (see edge.protos), with health and reflection added."""
+    for module in (health_pb2, reflection_pb2):
+        try:
+            POOL.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return POOL
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,8 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server,
+                pool=_reflection_pool())
 
     def start(self, host: str, port: int) -> GrpcEndpoint:
         """Bind ``host:port`` (0: an ephemeral port) and start serving.
