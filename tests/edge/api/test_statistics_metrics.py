@@ -110,3 +110,18 @@ def test_reflection_lists_the_services(grpc_url) -> None:
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_reflection_describes_services_from_the_private_pool(grpc_url) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    requests = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
+                for name in ("inference.GRPCInferenceService", "grpc.health.v1.Health")]
+    with grpc.insecure_channel(grpc_url) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    assert len(replies) == 2
+    for reply in replies:
+        assert reply.WhichOneof("message_response") == "file_descriptor_response", reply
+        assert reply.file_descriptor_response.file_descriptor_proto
