@@ -7,12 +7,13 @@ variables, command-line flags. A bad file stops start-up with a :class:`ConfigEr
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge.core.errors import ConfigError
 
@@ -114,6 +115,79 @@ class SpoolSettings(_Section):
     retention_min_free_bytes: int = Field(default=10 * 1024**3, ge=0)  # clean-up target
 
 
+class DispatchSettings(_Section):
+    """Delivery of results to destinations (storage SCU) and its retry policy."""
+
+    ae_title: str = Field(default="MEDEDGE", pattern=_AE_TITLE, max_length=16)  # calling AE
+    max_pdu: int = Field(default=0, ge=0)  # 0: unlimited (what we are willing to receive)
+    connection_timeout_s: float = Field(default=5.0, gt=0)  # TCP connect
+    acse_timeout_s: float = Field(default=30.0, gt=0)  # association request/release
+    dimse_timeout_s: float = Field(default=60.0, gt=0)  # each C-STORE response
+    network_timeout_s: float = Field(default=60.0, gt=0)  # idle connection
+    max_batch: int = Field(default=64, ge=1)  # files per association
+    retry_initial_s: float = Field(default=5.0, gt=0)
+    retry_factor: float = Field(default=2.0, ge=1)
+    retry_max_s: float = Field(default=600.0, gt=0)
+    retry_max_attempts: int = Field(default=20, ge=1)  # about 2 hours of retrying with the defaults
+    retry_jitter: float = Field(default=0.2, ge=0, le=1)
+
+
+class RuleConditions(_Section):
+    """What a series must look like for a routing rule to apply; empty fields match anything.
+
+    Lists match when the series' value is one of them (case-insensitive for code strings).
+    """
+
+    modality: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()  # BodyPartExamined
+    sop_class_uid: tuple[str, ...] = ()
+    series_description: str | None = None  # a regular expression, searched, case-insensitive
+    image_type_contains: tuple[str, ...] = ()  # every value must be in ImageType
+    slice_thickness_min: float | None = Field(default=None, ge=0)  # mm, inclusive
+    slice_thickness_max: float | None = Field(default=None, ge=0)
+    orientation: tuple[Literal["axial", "coronal", "sagittal"], ...] = ()
+    calling_ae: tuple[str, ...] = ()
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+
+class RoutingRule(_Section):
+    """One declarative rule: a series matching ``when`` runs ``models`` (a pipeline)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    when: RuleConditions = RuleConditions()
+    models: tuple[str, ...] = Field(min_length=1)
+    outputs: tuple[Literal["seg", "sr"], ...] = ("seg", "sr")
+    destinations: tuple[str, ...] = ()  # AET@HOST:PORT; empty: pipeline.destinations
+    priority: int = Field(default=0, ge=0)  # scheduler level, 1 highest; 0: from C-STORE
+
+
+class RoutingSettings(_Section):
+    """Routing rules, tried in order. No rules: each model's sidecar applicability decides."""
+
+    rules: tuple[RoutingRule, ...] = ()
+    first_match_only: bool = False  # False: every matching rule runs its pipeline
+
+
+class PipelineSettings(_Section):
+    """The orchestration of the DICOM path: series completion, workers, default destinations."""
+
+    destinations: tuple[str, ...] = ()  # AET@HOST:PORT; `mededge serve --destination`
+    quiet_period_s: float = Field(default=0.5, ge=0)  # after association release
+    max_wait_s: float = Field(default=300.0, gt=0)  # no release: complete after this idle time
+    workers: int = Field(default=2, ge=1)  # decode + preprocess threads
+    results_dir: Path | None = None  # None: <server.data_dir>/results
+    deadline_s: float = Field(default=300.0, gt=0)  # per slice inference request
+
+
 class Settings(_Section):
     """Every setting of the service."""
 
@@ -124,6 +198,9 @@ class Settings(_Section):
     scheduler: SchedulerSettings = SchedulerSettings()
     dicom: DicomSettings = DicomSettings()
     spool: SpoolSettings = SpoolSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    routing: RoutingSettings = RoutingSettings()
+    pipeline: PipelineSettings = PipelineSettings()
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
