@@ -13,7 +13,7 @@ import enum
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +136,36 @@ class InstanceRecord:
     calling_ae: str
     received_at: float
     state: InstanceState
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One deliveries row, with the path of the result it sends."""
+
+    delivery_id: int
+    result_id: int
+    destination: str  # AET@HOST:PORT
+    path: Path
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class DeliveryUpdate:
+    """The outcome of one attempt, for :meth:`Ledger.record_delivery_outcomes`."""
+
+    delivery_id: int
+    state: DeliveryState
+    error: str | None = None
+    next_attempt_at: float | None = None  # None: unchanged
+
+
+_DELIVERY_COLUMNS = ("d.delivery_id, d.result_id, d.destination, r.path, d.state, d.attempts, "
+                     "d.next_attempt_at, d.last_error, d.updated_at FROM deliveries d "
+                     "JOIN results r USING (result_id)")
 
 
 class Ledger:
@@ -333,6 +363,79 @@ class Ledger:
                 (state.value, error, now, state.value, next_attempt_at, delivery_id))
             if cur.rowcount == 0:
                 raise KeyError(delivery_id)
+
+    def result_path(self, result_id: int) -> Path | None:
+        """The file of a result, None if the result is unknown."""
+        with self._lock:
+            row = self._db.execute("SELECT path FROM results WHERE result_id = ?",
+                                   (result_id,)).fetchone()
+        return Path(row[0]) if row else None
+
+    def delivery(self, delivery_id: int) -> DeliveryRecord | None:
+        rows = self._deliveries("d.delivery_id = ?", (delivery_id,))
+        return rows[0] if rows else None
+
+    def deliveries(self, *states: DeliveryState | str) -> list[DeliveryRecord]:
+        """Deliveries in the given states (all if none given), oldest first."""
+        if not states:
+            return self._deliveries("1 ORDER BY d.delivery_id", ())
+        values = tuple(DeliveryState(s).value for s in states)
+        marks = ", ".join("?" * len(values))
+        return self._deliveries(f"d.state IN ({marks}) ORDER BY d.delivery_id", values)
+
+    def due_deliveries(self, now: float, limit: int = 1000) -> list[DeliveryRecord]:
+        """Pending or failed deliveries whose next attempt is due, in due order."""
+        return self._deliveries("d.state IN ('pending', 'failed') AND d.next_attempt_at <= ? "
+                                "ORDER BY d.next_attempt_at, d.delivery_id LIMIT ?", (now, limit))
+
+    def next_delivery_due(self) -> float | None:
+        """The earliest next_attempt_at of pending or failed deliveries; None if there are none."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(next_attempt_at) FROM deliveries "
+                                   "WHERE state IN ('pending', 'failed')").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def mark_deliveries_sending(self, delivery_ids: Sequence[int]) -> None:
+        """Start an attempt on each delivery (state sending, attempts + 1), in one transaction.
+
+        Raises: OutOfResourcesError, LedgerError.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany("UPDATE deliveries SET state = 'sending', attempts = attempts + 1, "
+                           "updated_at = ? WHERE delivery_id = ?",
+                           [(now, i) for i in delivery_ids])
+
+    def record_delivery_outcomes(self, updates: Sequence[DeliveryUpdate]) -> None:
+        """Record the outcomes of a batch of attempts in one transaction.
+
+        Raises: OutOfResourcesError, LedgerError.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET state = ?, last_error = ?, updated_at = ?, "
+                "next_attempt_at = COALESCE(?, next_attempt_at) WHERE delivery_id = ?",
+                [(DeliveryState(u.state).value, u.error, now, u.next_attempt_at, u.delivery_id)
+                 for u in updates])
+
+    def requeue_interrupted_deliveries(self, error: str) -> int:
+        """Make deliveries left in 'sending' (a crash mid-attempt) failed and due now; return
+        how many. Raises: OutOfResourcesError, LedgerError."""
+        now = time.time()
+        with self._transaction() as db:
+            cur = db.execute("UPDATE deliveries SET state = 'failed', last_error = ?, "
+                             "next_attempt_at = ?, updated_at = ? WHERE state = 'sending'",
+                             (error, now, now))
+            return cur.rowcount
+
+    def _deliveries(self, where: str, args: tuple[object, ...]) -> list[DeliveryRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_DELIVERY_COLUMNS} WHERE {where}", args).fetchall()
+        return [DeliveryRecord(delivery_id=int(r[0]), result_id=int(r[1]), destination=r[2],
+                               path=Path(r[3]), state=DeliveryState(r[4]), attempts=int(r[5]),
+                               next_attempt_at=float(r[6]), last_error=r[7],
+                               updated_at=float(r[8])) for r in rows]
 
     # -- retention ---------------------------------------------------------------------------
 
