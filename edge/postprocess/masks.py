@@ -81,5 +81,10 @@ def volumes_ml(label_map: np.ndarray, labels: Sequence[str],
 def component_counts(label_map: np.ndarray, labels: Sequence[str],
                      connectivity: int = 3) -> dict[str, int]:
     """Connected components of each foreground label (e.g. the nodule count)."""
-    return {name: count_components(label_map == i, connectivity)
-            for i, name in enumerate(labels) if i}
+    boxes = ndimage.find_objects(label_map, max_label=len(labels) - 1)  # one pass, then crops
+    out = {}
+    for i, name in enumerate(labels):
+        if i:
+            box = boxes[i - 1]
+            out[name] = 0 if box is None else count_components(label_map[box] == i, connectivity)
+    return out
