@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Any, cast
 
 import pydicom.uid as tsuid
-from pynetdicom import AE, evt, sop_class
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    evt,
+    sop_class,
+)
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
@@ -65,6 +73,38 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     tsuid.JPEGLSLossless, tsuid.JPEGLSNearLossless, tsuid.JPEG2000Lossless, tsuid.JPEG2000,
     tsuid.HTJ2KLossless, tsuid.HTJ2KLosslessRPCL, tsuid.HTJ2K, tsuid.RLELossless,
 )
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element with a 2-byte length (PS3.5 Section 7.1.2)."""
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def _sh(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def file_meta(identity: InstanceIdentity, source_ae: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 Section 7.1) for a
+    received data set stored as it arrived; what pynetdicom's ``encoded_dataset()`` writes,
+    plus the Source Application Entity Title, in about a tenth of its time."""
+    ae = _sh(source_ae.strip())
+    body = b"".join((
+        struct.pack("<HH2sHI", 2, 1, b"OB", 0, 2) + b"\0\1",  # (0002,0001) version
+        _element(0x00020002, b"UI", _ui(identity.sop_class_uid)),
+        _element(0x00020003, b"UI", _ui(identity.sop_instance_uid)),
+        _element(0x00020010, b"UI", _ui(identity.transfer_syntax_uid)),
+        _element(0x00020012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)),
+        _element(0x00020013, b"SH", _sh(PYNETDICOM_IMPLEMENTATION_VERSION)),
+        _element(0x00020016, b"AE", ae) if ae else b"",
+    ))
+    return b"\0" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<I", len(body))) + body
 
 
 @dataclass
@@ -235,7 +275,8 @@ class DicomListener:
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
         try:
             identity = self._identity(event, sop_instance_uid)
-            stored = self.spool.store(identity, event.encoded_dataset())
+            data = cast(BytesIO, cast(C_STORE, event.request).DataSet).getbuffer()
+            stored = self.spool.store(identity, file_meta(identity, calling), data)
             new = self._recorder.record_instance(ReceivedInstance(
                 identity, stored.path, stored.size, calling, time.time()))
         except Exception as exc:  # every failure becomes a status, in statuses.py

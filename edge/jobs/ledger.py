@@ -1,10 +1,11 @@
 """The jobs ledger: one SQLite database (WAL) of instances, series, runs, results, deliveries.
 
-``synchronous=FULL``: every commit fsyncs the WAL, so a row recorded before a C-STORE success
-survives power loss, not only a process crash (NORMAL would lose the last commits on power loss
-and leave the fsync'd file unindexed). It costs about 0.1 ms per commit here, small next to the
-spool's own fsyncs. One connection guarded by a lock: writes are short and SQLite serialises
-writers anyway; this keeps every method safe to call from any thread.
+``synchronous=NORMAL`` (WAL): a commit survives a process crash (kill -9) without a device
+flush; power loss may drop the last commits (never a partial one). The fsync'd spool is the
+durable record of what was acknowledged: :func:`edge.jobs.reconcile.reconcile` re-records at
+start-up any spool file the ledger lost (docs/dicom.md, "Durability order"). One connection
+guarded by a lock: writes are short and SQLite serialises writers anyway; this keeps every
+method safe to call from any thread.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class Ledger:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
@@ -291,6 +292,11 @@ class Ledger:
                                    "WHERE series_instance_uid = ?",
                                    (series_instance_uid,)).fetchone()
         return int(row[0]) if row else 0
+
+    def instance_paths(self) -> set[str]:
+        """The spool path of every recorded instance (for start-up reconciliation)."""
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT path FROM instances")}
 
     def _select(self, where: str, args: tuple[object, ...]) -> list[InstanceRecord]:
         sql = ("SELECT i.sop_instance_uid, i.series_instance_uid, i.study_instance_uid, "
