@@ -115,11 +115,14 @@ class MetricsExporter:
     """Renders ``/metrics``: Triton's families from ``figures()``, then the histogram."""
 
     def __init__(self, figures: Callable[[], list[ModelFigures]],
-                 counters: RequestCounters) -> None:
+                 counters: RequestCounters, extra: Callable[[], bytes] | None = None) -> None:
+        """``extra`` renders more families appended to the page (the ``mededge_*`` ones)."""
         self._figures = figures
         self._counters = counters
+        self._extra = extra
 
     def exposition(self) -> bytes:
         """The full Prometheus text page."""
         text = render_triton(self._figures())
-        return text.encode() + generate_latest(self._counters.registry)
+        page = text.encode() + generate_latest(self._counters.registry)
+        return page + self._extra() if self._extra is not None else page

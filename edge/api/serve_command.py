@@ -1,4 +1,4 @@
-"""``mededge serve``: run the gRPC and HTTP service (the DICOM listener joins in a later issue).
+"""``mededge serve``: run the DICOM listener, the pipeline, the gRPC and HTTP service.
 
 Flags override the configuration file, which overrides the defaults (gRPC 8001, HTTP 8002).
 Once listening, it prints one machine-readable line per port, e.g.
@@ -33,12 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HTTP port for /metrics and /v2/health (default 8002; 0: ephemeral)")
     parser.add_argument("--ports-file", type=Path,
                         help="write the bound ports as JSON here once listening")
-    dicom = parser.add_argument_group(
-        "DICOM (recorded in the settings; the DICOM listener is not part of this build yet)")
-    dicom.add_argument("--dicom-port", type=int, help="DICOM port (default 11112)")
+    dicom = parser.add_argument_group("DICOM")
+    dicom.add_argument("--dicom-port", type=int, help="DICOM port (default 11112; 0: ephemeral)")
     dicom.add_argument("--ae-title", help="our AE title (default MEDEDGE)")
     dicom.add_argument("--destination", action="append", default=[], metavar="AET@HOST:PORT",
-                       help="where results are sent; repeatable")
+                       help="where results (SEG, SR) are sent; repeatable; replaces the "
+                            "configuration's pipeline.destinations")
+    dicom.add_argument("--no-dicom", action="store_true",
+                       help="serve gRPC/HTTP only: no DICOM listener, no pipeline")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,6 +53,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"server": server}
     if dicom:
         out["dicom"] = dicom
+    if args.destination:
+        out["pipeline"] = {"destinations": list(args.destination)}
     return out
 
 
@@ -86,23 +90,27 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from edge.api.server import EdgeServer  # heavy imports only once the settings are valid
 
-    if args.destination:
-        log.info("destinations recorded for the DICOM pipeline: %s", ", ".join(args.destination))
-    server = EdgeServer(settings)
+    try:
+        server = EdgeServer(settings, dicom=not args.no_dicom)
+    except ConfigError as exc:
+        print(f"mededge serve: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
         ports = server.start()
-    except MededgeError as exc:
+    except (MededgeError, OSError) as exc:
         print(f"mededge serve: {exc}", file=sys.stderr)
         server.stop(0)
         return 2
     print(f"mededge: grpc listening on {ports.host}:{ports.grpc}", flush=True)
     print(f"mededge: http listening on {ports.host}:{ports.http}", flush=True)
+    if ports.dicom is not None:
+        print(f"mededge: dicom listening on {ports.host}:{ports.dicom}", flush=True)
     if args.ports_file is not None:
         args.ports_file.write_text(json.dumps(
-            {"host": ports.host, "grpc": ports.grpc, "http": ports.http}))
+            {"host": ports.host, "grpc": ports.grpc, "http": ports.http, "dicom": ports.dicom}))
     while not stop.wait(1.0):
         pass
     server.stop()

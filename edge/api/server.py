@@ -1,9 +1,13 @@
-"""Wires the service: model manager, gRPC and HTTP front ends, and their lifecycle.
+"""Wires the service: model manager, the DICOM path, gRPC and HTTP front ends, their lifecycle.
 
-Start order: models (so readiness is true when the ports open), gRPC, HTTP. Stop order on
-SIGTERM: health goes NOT_SERVING, the gRPC server refuses new calls and lets in-flight ones
-finish (up to ``server.drain_timeout_s``), the manager drains its queues, HTTP closes last so
-metrics stay scrapable during the drain.
+Start order: models (so readiness is true when the ports open), then with ``dicom=True`` the
+ledger, the delivery worker (resumes queued deliveries), the orchestrator (resumes unfinished
+instances) and the DICOM listener, then gRPC, HTTP. Stop order on SIGTERM: health goes
+NOT_SERVING, the DICOM listener stops taking associations, the gRPC server refuses new calls and
+lets in-flight ones finish (up to ``server.drain_timeout_s``), the orchestrator drains its
+instances and the series being finished, the delivery worker stops after the association in
+progress, the manager drains its queues, HTTP closes last so metrics stay scrapable during the
+drain. Whatever is not finished stays in the ledger and resumes at the next start.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from edge.api.inference_service import InferenceServicer
 from edge.api.metrics import MetricsExporter, RequestCounters
 from edge.api.statistics import model_figures
 from edge.core.config import Settings
+from edge.dispatch.retry import RetryPolicy
+from edge.dispatch.sender import DicomSender
+from edge.dispatch.worker import DeliveryWorker
+from edge.ingest.listener import DicomListener
+from edge.jobs.ledger import Ledger
+from edge.pipeline.metrics import PipelineMetrics
+from edge.pipeline.orchestrator import Orchestrator
 from edge.scheduler.manager import ModelManager
 
 log = logging.getLogger(__name__)
@@ -30,18 +41,31 @@ class BoundPorts:
     host: str
     grpc: int
     http: int
+    dicom: int | None = None  # None: the DICOM path is not running
 
 
 class EdgeServer:
     """The running service. Use :meth:`start`, then :meth:`wait` or :meth:`stop`."""
 
-    def __init__(self, settings: Settings, manager: ModelManager | None = None) -> None:
+    def __init__(self, settings: Settings, manager: ModelManager | None = None, *,
+                 dicom: bool = False) -> None:
+        """``dicom``: also run the DICOM path (listener, orchestrator, deliveries).
+
+        Raises:
+            ConfigError: a destination is not AET@HOST:PORT.
+        """
         self.settings = settings
         self.manager = manager if manager is not None else ModelManager(settings)
         self.counters = RequestCounters()
+        self.pipeline_metrics = PipelineMetrics()
+        self.ledger: Ledger | None = None
+        self.delivery: DeliveryWorker | None = None
+        self.orchestrator: Orchestrator | None = None
+        self.listener: DicomListener | None = None
+        self._dicom = dicom
         self._grpc = GrpcServer(InferenceServicer(self.manager, self.counters), settings.grpc)
         exporter = MetricsExporter(lambda: model_figures(self.manager, self.counters),
-                                   self.counters)
+                                   self.counters, extra=self.pipeline_metrics.exposition)
         self._http = HttpServer(exporter, self.manager.ready)
         self._stopped = threading.Event()
         self.ports: BoundPorts | None = None
@@ -55,13 +79,39 @@ class EdgeServer:
         """
         server = self.settings.server
         self.manager.start()
+        dicom_port = self._start_dicom() if self._dicom else None
         grpc_endpoint = self._grpc.start(server.bind, server.grpc_port)
         self._grpc.set_serving(True)
         http_port = self._http.start(server.bind, server.http_port)
-        self.ports = BoundPorts(server.bind, grpc_endpoint.port, http_port)
-        log.info("serving: grpc %s:%d, http %s:%d", server.bind, grpc_endpoint.port,
-                 server.bind, http_port)
+        self.ports = BoundPorts(server.bind, grpc_endpoint.port, http_port, dicom_port)
+        log.info("serving: grpc %s:%d, http %s:%d, dicom %s", server.bind, grpc_endpoint.port,
+                 server.bind, http_port, dicom_port)
         return self.ports
+
+    def _start_dicom(self) -> int:
+        """Ledger, delivery worker, orchestrator, listener; return the DICOM port.
+
+        Raises:
+            LedgerError: the ledger is unusable.
+            OSError: the spool cannot be created or the port bound.
+        """
+        settings = self.settings
+        self.ledger = Ledger(settings.spool.ledger or settings.server.data_dir / "ledger.sqlite3")
+        self.delivery = DeliveryWorker(
+            self.ledger, DicomSender(settings.dispatch),
+            RetryPolicy.from_settings(settings.dispatch),
+            max_batch=settings.dispatch.max_batch,
+            on_outcome=lambda update: self.pipeline_metrics.delivery_outcome(
+                update.delivery_id, str(update.state.value)))
+        self.delivery.start()
+        self.orchestrator = Orchestrator(settings, self.ledger, self.manager, self.delivery,
+                                         self.pipeline_metrics)
+        self.orchestrator.start()
+        self.listener = DicomListener(settings, self.orchestrator.recorder,
+                                      self.orchestrator.on_release)
+        port = self.listener.start()
+        self.pipeline_metrics.watch_ingest(self.listener.stats.snapshot, self.listener.spool.root)
+        return port
 
     def stop(self, drain_timeout_s: float | None = None) -> None:
         """Drain in-flight requests (up to ``drain_timeout_s``) and release everything."""
@@ -71,8 +121,16 @@ class EdgeServer:
             else drain_timeout_s
         log.info("stopping: draining for up to %.1f s", timeout)
         self._grpc.set_serving(False)
+        if self.listener is not None:
+            self.listener.stop()
         self._grpc.stop(timeout)
+        if self.orchestrator is not None:
+            self.orchestrator.stop(timeout)
+        if self.delivery is not None:
+            self.delivery.stop(timeout)
         self.manager.close(timeout)
+        if self.ledger is not None:
+            self.ledger.close()
         self._http.stop()
         self._stopped.set()
         log.info("stopped")

@@ -1,0 +1,256 @@
+"""Series-level work once a series is complete: aggregate, write SEG/SR, record, queue delivery.
+
+Idempotent: the SEG and SR carry deterministic UIDs (:func:`edge.writers.uids.result_uid`), and
+each pipeline leaves ``<results>/<series>/<pipeline>/done.json`` naming the instances its results
+cover, written only after the deliveries are queued in the ledger. Finishing the same instances
+again (a crash after queueing, before the instances were marked done) therefore queues nothing
+twice; a series that gained instances is rebuilt and re-sent under the same UIDs, which the PACS
+treats as a replacement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from edge.core.types import ModelId, Task
+from edge.pipeline.slices import SliceStore
+from edge.postprocess.aggregate import classify_series, segment_series, threshold_for
+from edge.postprocess.results import SeriesClassification, SeriesSegmentation, VoxelSpacing
+from edge.preprocess.volume import FrameGeometry, assemble_volume, slice_order
+from edge.repository.sidecar import Sidecar
+from edge.routing.rules import Pipeline
+from edge.writers.codes import AlgorithmInfo
+from edge.writers.seg import build_segmentation
+from edge.writers.sr import build_report
+
+LOG = logging.getLogger(__name__)
+MARKER = "done.json"
+
+
+@dataclass(frozen=True)
+class SourceInstance:
+    """A source instance of the series: its header (no pixels) and frame geometry."""
+
+    sop_instance_uid: str
+    header: Dataset
+    frames: tuple[FrameGeometry, ...]
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """A model that ran on the series: its id and sidecar."""
+
+    model: ModelId
+    sidecar: Sidecar
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One written result object."""
+
+    kind: str  # "seg" or "sr"
+    model: ModelId
+    path: Path
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class PipelineResults:
+    """What a pipeline produced for a series (empty ``files``: nothing to report)."""
+
+    pipeline: Pipeline
+    files: tuple[ResultFile, ...]
+    instances: tuple[str, ...]  # SOP Instance UIDs the results cover
+    fingerprint: str  # of the models and instances: equal -> same results
+
+
+class _OneHot(Sequence[np.ndarray]):
+    """Label maps presented as one-hot (C, H, W) scores, one slice at a time (low memory)."""
+
+    def __init__(self, maps: Sequence[np.ndarray], classes: int) -> None:
+        self._maps = maps
+        self._eye = np.eye(max(classes, 2), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return np.moveaxis(self._eye[self._maps[index]], -1, 0)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+
+def fingerprint(models: Sequence[ModelRun], instances: Sequence[str]) -> str:
+    text = "|".join(str(m.model) for m in models) + "#" + "|".join(sorted(instances))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _ordered_outputs(store: SliceStore, series: str, run: ModelRun,
+                     sources: Sequence[SourceInstance]
+                     ) -> tuple[list[FrameGeometry], list[np.ndarray]]:
+    frames, outputs = [], []
+    for source in sources:
+        for frame in source.frames:
+            value = store.load(series, run.model, source.sop_instance_uid, frame.frame_number)
+            if value is not None:
+                frames.append(frame)
+                outputs.append(value)
+    return frames, outputs
+
+
+def classify(store: SliceStore, series: str, run: ModelRun,
+             sources: Sequence[SourceInstance]) -> SeriesClassification | None:
+    """The series verdict of a classifier from its stored slice scores (None: no slices).
+
+    Raises:
+        ValueError: scores and labels disagree.
+    """
+    frames, outputs = _ordered_outputs(store, series, run, sources)
+    if not frames:
+        return None
+    order, _, _ = slice_order(frames)
+    sidecar = run.sidecar
+    positive = str(sidecar.postprocess.get("positive_label") or sidecar.labels[-1])
+    return classify_series(
+        run.model, sidecar.labels, [frames[i].sop_instance_uid for i in order],
+        np.stack([outputs[i] for i in order]), threshold_for(sidecar.thresholds, positive),
+        positive_label=positive,
+        from_logits=str(sidecar.postprocess.get("activation", "softmax")) != "none",
+        method=str(sidecar.postprocess.get("aggregation", "max")))
+
+
+def segment(store: SliceStore, series: str, run: ModelRun,
+            sources: Sequence[SourceInstance]) -> SeriesSegmentation | None:
+    """The series label map of a segmenter from its stored slice maps (None: no slices).
+
+    Raises:
+        DataError: the frames do not form one stack.
+        ValueError: label maps and labels disagree.
+    """
+    frames, outputs = _ordered_outputs(store, series, run, sources)
+    if not frames:
+        return None
+    volume = assemble_volume(outputs, frames)
+    header = next(s.header for s in sources if s.sop_instance_uid == frames[0].sop_instance_uid)
+    shape = (int(header.Rows), int(header.Columns))
+    spacing = VoxelSpacing(row_mm=volume.spacing[1], column_mm=volume.spacing[2],
+                           slice_mm=volume.spacing[0])
+    sidecar = run.sidecar
+    return segment_series(
+        run.model, sidecar.labels, volume.source_sop_instance_uids,
+        _OneHot(list(volume.voxels), len(sidecar.labels)), shape, sidecar.preprocess, spacing,
+        min_component_voxels=int(sidecar.postprocess.get("min_component_voxels", 0)))
+
+
+def write_dataset(dataset: Dataset, path: Path) -> None:
+    """Write a DICOM file atomically and durably (fsync file and folder).
+
+    Raises: OSError.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".dcm")
+    os.close(fd)
+    try:
+        dataset.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def already_done(folder: Path, fp: str) -> bool:
+    try:
+        return json.loads((folder / MARKER).read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        return False
+
+
+def mark_done(folder: Path, fp: str, instances: Sequence[str]) -> None:
+    """Raises: OSError."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps({"fingerprint": fp, "instances": len(instances)}))
+    os.replace(tmp, folder / MARKER)
+
+
+def build_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline: Pipeline,
+                           runs: Sequence[ModelRun], sources: Sequence[SourceInstance],
+                           on_error: Callable[[ModelRun, Exception], None]) -> PipelineResults:
+    """Aggregate each model's slices and write the SEG (segmenters) and SR objects.
+
+    Each segmenter is paired with a classifier (in order) in one TID 1500 report; the others
+    get a report of their own. A model whose aggregation or writing fails is reported to
+    ``on_error`` and left out; the others still produce their results.
+
+    Raises:
+        OSError: a result file cannot be written.
+    """
+    segs: list[tuple[ModelRun, SeriesSegmentation]] = []
+    classes: list[tuple[ModelRun, SeriesClassification]] = []
+    for run in runs:
+        try:
+            if run.sidecar.task is Task.SEGMENT:
+                seg = segment(store, series, run, sources)
+                if seg is not None:
+                    segs.append((run, seg))
+            elif run.sidecar.task is Task.CLASSIFY:
+                cls = classify(store, series, run, sources)
+                if cls is not None:
+                    classes.append((run, cls))
+        except (ValueError, ArithmeticError) as exc:
+            on_error(run, exc)
+    headers = [s.header for s in sources]
+    files: list[ResultFile] = []
+    seg_objects: list[tuple[ModelRun, SeriesSegmentation, Dataset]] = []
+    for run, seg in segs:
+        algorithm = AlgorithmInfo(run.model.name, str(run.model.version))
+        try:
+            obj = build_segmentation(seg, headers, algorithm)
+        except Exception as exc:  # highdicom raises several types for one bad input
+            on_error(run, exc)
+            continue
+        seg_objects.append((run, seg, obj))
+        if "seg" in pipeline.outputs:
+            path = folder / f"seg-{run.model.name}-v{run.model.version}.dcm"
+            write_dataset(obj, path)
+            files.append(ResultFile("seg", run.model, path, str(obj.SOPInstanceUID)))
+    if "sr" in pipeline.outputs:
+        reports: list[tuple[ModelRun, tuple[SeriesSegmentation, Dataset] | None,
+                            SeriesClassification | None]] = []
+        for i in range(max(len(seg_objects), len(classes))):
+            seg_part = seg_objects[i] if i < len(seg_objects) else None
+            cls_part = classes[i] if i < len(classes) else None
+            owner = seg_part[0] if seg_part is not None else cls_part[0]  # type: ignore[index]
+            reports.append((owner, (seg_part[1], seg_part[2]) if seg_part else None,
+                            cls_part[1] if cls_part else None))
+        for owner, seg_arg, cls_arg in reports:
+            algorithm = AlgorithmInfo(owner.model.name, str(owner.model.version))
+            try:
+                report = build_report(headers, algorithm, segmentation=seg_arg,
+                                      classification=cls_arg)
+            except Exception as exc:  # highdicom raises several types for one bad input
+                on_error(owner, exc)
+                continue
+            path = folder / f"sr-{owner.model.name}-v{owner.model.version}.dcm"
+            write_dataset(report, path)
+            files.append(ResultFile("sr", owner.model, path, str(report.SOPInstanceUID)))
+    covered = tuple(s.sop_instance_uid for s in sources)
+    return PipelineResults(pipeline, tuple(files), covered, fingerprint(runs, covered))

@@ -1,0 +1,135 @@
+"""Series completion: a pure state machine on a monotonic clock (no threads, no I/O).
+
+A series is complete when the first of these holds:
+
+- **expected count**: the data says how many instances to expect (ImagesInAcquisition) and that
+  many have arrived;
+- **release + quiet period**: an association that delivered instances of the series has ended
+  (released or aborted) and no instance of it arrived for ``quiet_period_s`` since, which
+  covers a modality that sends one series over several associations back to back;
+- **maximum wait**: no instance arrived for ``max_wait_s`` though no association ended (a
+  peer that keeps its association open for hours).
+
+An instance arriving after completion opens a new *epoch* of the series: it is tracked afresh
+and completes again (the results are rebuilt with the same deterministic UIDs, so the PACS gets
+a replacement, not a duplicate).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class CompletionReason(str, enum.Enum):
+    EXPECTED_COUNT = "expected_count"
+    RELEASED = "released"  # association ended + quiet period
+    MAX_WAIT = "max_wait"
+    RESUMED = "resumed"  # found unfinished at start-up
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A series became complete."""
+
+    series_instance_uid: str
+    reason: CompletionReason
+    instances: int  # seen in this epoch
+    last_instance_at: float  # monotonic time of the last instance
+    epoch: int  # 0 for the first completion, then 1, 2 ... for late arrivals
+
+
+@dataclass
+class _Series:
+    epoch: int = 0
+    count: int = 0
+    expected: int | None = None
+    last_at: float = 0.0
+    released_at: float | None = None
+    resumed: bool = False
+    uids: set[str] = field(default_factory=set)
+
+
+class SeriesTracker:
+    """Tracks open series; call :meth:`due` with the current time to collect completions.
+
+    Not thread-safe by itself: the orchestrator calls it under its own lock.
+    """
+
+    def __init__(self, quiet_period_s: float, max_wait_s: float) -> None:
+        if quiet_period_s < 0 or max_wait_s <= 0:
+            raise ValueError("quiet_period_s must be >= 0 and max_wait_s > 0")
+        self.quiet_period_s = quiet_period_s
+        self.max_wait_s = max_wait_s
+        self._open: dict[str, _Series] = {}
+        self._epochs: dict[str, int] = {}
+
+    def instance(self, series_instance_uid: str, sop_instance_uid: str, now: float,
+                 expected: int | None = None) -> None:
+        """An instance of the series arrived (a repeat of a SOP Instance UID counts once)."""
+        state = self._open.get(series_instance_uid)
+        if state is None:
+            state = self._open[series_instance_uid] = _Series(
+                epoch=self._epochs.get(series_instance_uid, 0))
+        if sop_instance_uid not in state.uids:
+            state.uids.add(sop_instance_uid)
+            state.count += 1
+        state.last_at = now
+        if expected is not None and expected > 0:
+            state.expected = expected
+
+    def expect(self, series_instance_uid: str, expected: int) -> None:
+        """The data says how many instances the series has (e.g. ImagesInAcquisition)."""
+        state = self._open.get(series_instance_uid)
+        if state is not None and expected > 0:
+            state.expected = expected
+
+    def released(self, series_instance_uid: str, now: float) -> None:
+        """An association that delivered instances of the series ended."""
+        state = self._open.get(series_instance_uid)
+        if state is not None:
+            state.released_at = now
+
+    def resumed(self, series_instance_uid: str, now: float) -> None:
+        """The series was found unfinished at start-up: complete it after the quiet period
+        unless more instances keep arriving."""
+        state = self._open.get(series_instance_uid)
+        if state is not None:
+            state.resumed = True
+            state.released_at = now
+
+    def is_open(self, series_instance_uid: str) -> bool:
+        return series_instance_uid in self._open
+
+    def _reason(self, state: _Series, now: float) -> CompletionReason | None:
+        if state.expected is not None and state.count >= state.expected:
+            return CompletionReason.EXPECTED_COUNT
+        if state.released_at is not None and \
+                now - max(state.released_at, state.last_at) >= self.quiet_period_s:
+            return CompletionReason.RESUMED if state.resumed else CompletionReason.RELEASED
+        if now - state.last_at >= self.max_wait_s:
+            return CompletionReason.MAX_WAIT
+        return None
+
+    def due(self, now: float) -> list[Completion]:
+        """Series complete at ``now``; each is reported once per epoch and stops being open."""
+        done = []
+        for uid, state in list(self._open.items()):
+            reason = self._reason(state, now)
+            if reason is None:
+                continue
+            del self._open[uid]
+            self._epochs[uid] = state.epoch + 1
+            done.append(Completion(uid, reason, state.count, state.last_at, state.epoch))
+        return done
+
+    def next_deadline(self) -> float | None:
+        """The earliest monotonic instant at which :meth:`due` may report something."""
+        times = []
+        for state in self._open.values():
+            if state.expected is not None and state.count >= state.expected:
+                return state.last_at
+            if state.released_at is not None:
+                times.append(max(state.released_at, state.last_at) + self.quiet_period_s)
+            times.append(state.last_at + self.max_wait_s)
+        return min(times) if times else None
