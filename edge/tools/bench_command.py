@@ -1,6 +1,7 @@
 """``mededge bench``: benchmarks that print ratios against a reference measured in the same run.
 
 ``mededge bench serve --work DIR``: serving overhead of mededge vs raw ONNX Runtime vs Triton.
+``mededge bench dicom --work DIR``: durable DICOM receive vs storescp, Orthanc, bare pynetdicom.
 """
 
 from __future__ import annotations
@@ -24,9 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--rounds", type=int, default=3,
                        help="interleaved rounds (raw, mededge, Triton); medians reported")
     serve.add_argument("--no-triton", action="store_true", help="skip the Triton reference")
+    dicom = sub.add_parser("dicom", help="DICOM receive: mededge vs storescp, Orthanc, pynetdicom")
+    dicom.add_argument("--work", type=Path, default=Path("work/bench-dicom"),
+                       help="folder for the images, the received files and the table")
+    dicom.add_argument("--images", type=int, default=300, help="CT images per run")
+    dicom.add_argument("--size", type=int, default=512, help="rows and columns of each image")
+    dicom.add_argument("--rounds", type=int, default=3,
+                       help="alternating rounds; medians reported")
+    dicom.add_argument("--systems", default="storescp,orthanc,pynetdicom,mededge",
+                       help="comma-separated: storescp, orthanc, pynetdicom, mededge")
+    dicom.add_argument("--streams", default="1,4",
+                       help="comma-separated numbers of parallel associations")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "dicom":
+        return _run_dicom(args)
     from edge.tools import bench_serve
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -37,3 +51,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     return bench_serve.main(args.work, models, args.batch, args.clients, args.seconds,
                             args.threads, not args.no_triton, args.rounds)
+
+
+def _run_dicom(args: argparse.Namespace) -> int:
+    from edge.tools import bench_dicom
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in bench_dicom.SYSTEMS]
+    if unknown or not systems:
+        print(f"mededge bench dicom: unknown system(s) {unknown}; choose from "
+              f"{list(bench_dicom.SYSTEMS)}")
+        return 2
+    streams = [int(n) for n in args.streams.split(",") if n.strip()]
+    return bench_dicom.main(args.work, args.images, args.rounds, systems, streams, args.size)
