@@ -26,7 +26,9 @@ def test_bench_dicom_writes_a_table_with_positive_numbers(tmp_path: Path, capsys
     rows = re.findall(r"^\| (storescp|mededge) \| 1 \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", text,
                       re.MULTILINE)
     assert [r[0] for r in rows] == ["storescp", "mededge"]
-    assert all(float(v) > 0 for row in rows for v in row[1:3])
+    assert all(float(row[1]) > 0 for row in rows)  # images/s
+    # CPU comes in clock ticks (10 ms): storescp's few ms over 20 tiny images may read 0
+    assert float(rows[1][2]) > 0 and float(rows[0][2]) >= 0
 
 
 def test_summary_is_the_median_with_the_storescp_ratio() -> None:
