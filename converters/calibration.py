@@ -1,0 +1,150 @@
+"""Preprocessed samples for calibration and for the accuracy gate, and the calibration reader.
+
+Sources, by what ``path`` is:
+
+- a synthetic study folder (``manifest.json``) or a DICOM folder with a label CSV: read with
+  ``trainer.datasets.load_data`` (numpy and ``edge.preprocess`` only, no torch), which gives
+  labels and masks for the gate;
+- any other folder: every DICOM file under it (no labels; calibration only);
+- a ``.npy`` (images) or ``.npz`` (``images``, optional ``labels``, ``masks``) of
+  already-preprocessed (N, C, H, W) float32 arrays.
+
+Every image goes through :func:`edge.preprocess.imaging.preprocess_image` with the model's own
+sidecar spec, exactly as serving does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.core.errors import DataError
+from edge.preprocess.imaging import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+IGNORE = 255  # mask value without a reference (trainer.datasets.IGNORE)
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """Preprocessed images (N, C, H, W) float32, optional labels (N,) and masks (N, H, W)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    masks: np.ndarray | None
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of exactly the arrays fed to the model (shape, dtype and bytes)."""
+        digest = hashlib.sha256(f"{self.images.shape}:{self.images.dtype}".encode())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        return "sha256:" + digest.hexdigest()
+
+
+def _take(samples: SampleSet, limit: int | None, seed: int) -> SampleSet:
+    if limit is None or limit >= len(samples):
+        return samples
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
+    return SampleSet(samples.images[keep],
+                     None if samples.labels is None else samples.labels[keep],
+                     None if samples.masks is None else samples.masks[keep], samples.source)
+
+
+def _from_arrays(path: Path) -> SampleSet:
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read arrays: {exc}") from exc
+    if isinstance(data, np.ndarray):
+        return SampleSet(data.astype(np.float32, copy=False), None, None, str(path))
+    if "images" not in data:
+        raise DataError(f"{path}: no 'images' array")
+    labels = data["labels"] if "labels" in data else None
+    masks = data["masks"] if "masks" in data else None
+    return SampleSet(data["images"].astype(np.float32, copy=False), labels, masks, str(path))
+
+
+def _from_dicom_folder(path: Path, spec: PreprocessSpec) -> SampleSet:
+    from edge.preprocess.dicom_pixels import read_image
+    from edge.preprocess.imaging import preprocess_image
+
+    images = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            decoded = read_image(file)
+        except DataError as exc:
+            log.debug("calibration: skipping %s: %s", file, exc)
+            continue
+        images += [preprocess_image(frame, decoded.meta, spec) for frame in decoded.frames]
+    if not images:
+        raise DataError(f"{path}: no readable DICOM images")
+    return SampleSet(np.stack(images), None, None, str(path))
+
+
+def load_samples(path: Path, spec: PreprocessSpec, *, split: str | None = None,
+                 labels: Sequence[str] = (), limit: int | None = None,
+                 seed: int = 0) -> SampleSet:
+    """Load up to ``limit`` preprocessed samples from ``path`` (``split`` where it has splits).
+
+    Raises:
+        DataError: nothing readable, the split is empty, or the images do not match ``spec``.
+    """
+    path = Path(path)
+    if path.suffix in (".npy", ".npz"):
+        samples = _from_arrays(path)
+    elif (path / "manifest.json").is_file() or (path / "labels.csv").is_file():
+        from trainer.datasets import load_data
+
+        data = load_data(path, spec, labels=labels, progress=False)
+        if split is not None:
+            data = data.subset(split)
+        if not len(data):
+            raise DataError(f"{path}: no slices in split {split!r}")
+        samples = SampleSet(data.images, data.labels, data.masks,
+                            f"{path}" + (f" [{split}]" if split else ""))
+    elif path.is_dir():
+        samples = _from_dicom_folder(path, spec)
+    else:
+        raise DataError(f"{path}: not a folder, .npy or .npz")
+    if samples.images.ndim != 4 or samples.images.shape[-2:] != (spec.height, spec.width):
+        raise DataError(f"{path}: images of shape {samples.images.shape[1:]}, the model takes "
+                        f"(C, {spec.height}, {spec.width})")
+    return _take(samples, limit, seed)
+
+
+def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Contiguous float32 batches of ``images`` along axis 0."""
+    for start in range(0, len(images), batch_size):
+        yield np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
+
+
+def calibration_reader(input_name: str, images: np.ndarray, batch_size: int = 8) -> object:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` feeding ``images`` in batches.
+
+    Built lazily so that importing this module does not import onnxruntime.
+    """
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._iter: Iterator[np.ndarray] = iter(())
+            self.rewind()
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._iter, None)
+            return None if batch is None else {input_name: batch}
+
+        def rewind(self) -> None:
+            self._iter = batches(images, batch_size)
+
+    return _Reader()
