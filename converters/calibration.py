@@ -69,8 +69,8 @@ def _from_arrays(path: Path) -> SampleSet:
         return SampleSet(data.astype(np.float32, copy=False), None, None, str(path))
     if "images" not in data:
         raise DataError(f"{path}: no 'images' array")
-    labels = data["labels"] if "labels" in data else None
-    masks = data["masks"] if "masks" in data else None
+    labels = data.get("labels")
+    masks = data.get("masks")
     return SampleSet(data["images"].astype(np.float32, copy=False), labels, masks, str(path))
 
 

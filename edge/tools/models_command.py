@@ -1,10 +1,15 @@
-"""``mededge models --repo REPO``: models, versions, precision and metrics from the sidecars."""
+"""``mededge models --repo REPO``: models, versions, precision and metrics from the sidecars.
+
+A converted version also shows its accuracy gate (``report.gate``, written by ``mededge
+convert``): the metric, FP32 -> converted value, the drop and the tolerance.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from edge.core.errors import RepositoryError
 from edge.repository.model_config import read_model_config
@@ -14,6 +19,18 @@ from edge.repository.sidecar import read_sidecar
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", type=Path, required=True, help="model repository folder")
+
+
+def _gate_line(gate: dict[str, Any], conversion: dict[str, Any]) -> str:
+    """``    gate passed (from v1): auc 0.9518 -> 0.9516 (drop +0.0002, tolerance 0.01) ...``."""
+    verdict = "passed" if gate.get("passed") else "FAILED"
+    source = conversion.get("source_version", "?")
+    return (f"    gate {verdict} (from v{source}): {gate['metric']} "
+            f"{float(gate['reference']):.4f} (FP32) -> "
+            f"{float(gate['candidate']):.4f} (drop {float(gate['drop']):+.4f}, tolerance "
+            f"{float(gate['tolerance']):g}), top-1 agreement "
+            f"{float(gate.get('top1_agreement', float('nan'))):.4f}, "
+            f"{gate.get('samples', '?')} samples")
 
 
 def describe_repository(repo: Path) -> list[str]:
@@ -44,6 +61,9 @@ def describe_repository(repo: Path) -> list[str]:
                 if record else ""
             lines.append(f"{model_dir.name}:{version}  {config.platform or config.backend}  "
                          f"{task}  {precision}  {metrics}".rstrip())
+            gate = record.report.get("gate") if record else None
+            if isinstance(gate, dict) and "metric" in gate:
+                lines.append(_gate_line(gate, record.report.get("conversion") or {}))
     return lines
 
 
