@@ -182,6 +182,9 @@ class PipelineSettings(_Section):
 
     destinations: tuple[str, ...] = ()  # AET@HOST:PORT; `mededge serve --destination`
     quiet_period_s: float = Field(default=0.5, ge=0)  # after association release
+    # A series found unfinished at start-up waits this long for its sender to retry before it
+    # is finished with what arrived (a new association's release ends the wait sooner).
+    resume_grace_s: float = Field(default=5.0, ge=0)
     max_wait_s: float = Field(default=300.0, gt=0)  # no release: complete after this idle time
     workers: int = Field(default=2, ge=1)  # decode + preprocess threads
     results_dir: Path | None = None  # None: <server.data_dir>/results

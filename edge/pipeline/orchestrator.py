@@ -175,7 +175,7 @@ class Orchestrator:
         with self._cond:
             now = self._clock()
             for uid in {r.identity.series_instance_uid for r in unfinished}:
-                self._tracker.resumed(uid, now)
+                self._tracker.resumed(uid, now, self.settings.pipeline.resume_grace_s)
             self._cond.notify_all()
         if unfinished:
             LOG.info("resuming %d unfinished instances", len(unfinished))

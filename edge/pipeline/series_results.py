@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,12 +139,17 @@ def segment(store: SliceStore, series: str, run: ModelRun,
         DataError: the frames do not form one stack.
         ValueError: label maps and labels disagree.
     """
-    frames, outputs = _ordered_outputs(store, series, run, sources)
+    shapes = Counter((int(getattr(s.header, "Rows", 0)), int(getattr(s.header, "Columns", 0)))
+                     for s in sources)
+    if not shapes:
+        return None
+    shape = shapes.most_common(1)[0][0]  # the main stack; a localizer of another size stays out
+    frames, outputs = _ordered_outputs(store, series, run, [
+        s for s in sources
+        if (int(getattr(s.header, "Rows", 0)), int(getattr(s.header, "Columns", 0))) == shape])
     if not frames:
         return None
     volume = assemble_volume(outputs, frames)
-    header = next(s.header for s in sources if s.sop_instance_uid == frames[0].sop_instance_uid)
-    shape = (int(header.Rows), int(header.Columns))
     spacing = VoxelSpacing(row_mm=volume.spacing[1], column_mm=volume.spacing[2],
                            slice_mm=volume.spacing[0])
     sidecar = run.sidecar

@@ -47,6 +47,7 @@ class _Series:
     last_at: float = 0.0
     released_at: float | None = None
     resumed: bool = False
+    hold_until: float = 0.0  # a resumed series waits for its sender's retry until then
     uids: set[str] = field(default_factory=set)
 
 
@@ -89,14 +90,17 @@ class SeriesTracker:
         state = self._open.get(series_instance_uid)
         if state is not None:
             state.released_at = now
+            state.hold_until = 0.0
 
-    def resumed(self, series_instance_uid: str, now: float) -> None:
-        """The series was found unfinished at start-up: complete it after the quiet period
-        unless more instances keep arriving."""
+    def resumed(self, series_instance_uid: str, now: float, grace_s: float = 0.0) -> None:
+        """The series was found unfinished at start-up: complete it ``grace_s`` (at least the
+        quiet period) from now, unless instances keep arriving; a release of an association
+        that delivers more of it ends the grace early."""
         state = self._open.get(series_instance_uid)
         if state is not None:
             state.resumed = True
             state.released_at = now
+            state.hold_until = now + grace_s
 
     def is_open(self, series_instance_uid: str) -> bool:
         return series_instance_uid in self._open
@@ -104,7 +108,7 @@ class SeriesTracker:
     def _reason(self, state: _Series, now: float) -> CompletionReason | None:
         if state.expected is not None and state.count >= state.expected:
             return CompletionReason.EXPECTED_COUNT
-        if state.released_at is not None and \
+        if state.released_at is not None and now >= state.hold_until and \
                 now - max(state.released_at, state.last_at) >= self.quiet_period_s:
             return CompletionReason.RESUMED if state.resumed else CompletionReason.RELEASED
         if now - state.last_at >= self.max_wait_s:
@@ -130,6 +134,7 @@ class SeriesTracker:
             if state.expected is not None and state.count >= state.expected:
                 return state.last_at
             if state.released_at is not None:
-                times.append(max(state.released_at, state.last_at) + self.quiet_period_s)
+                times.append(max(state.released_at + self.quiet_period_s, state.hold_until,
+                                 state.last_at + self.quiet_period_s))
             times.append(state.last_at + self.max_wait_s)
         return min(times) if times else None
