@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("edge.tools.bench_command", "benchmarks that compare against a reference"),
     "models": ("edge.tools.models_command", "list a repository's models, versions, metrics"),
     "config": ("edge.tools.config_command", "check a configuration file"),
+    "demo-dicom": ("edge.tools.demo_dicom", "push a study, show SEG + SR arriving at a PACS"),
 }
 
 
