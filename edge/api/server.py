@@ -20,6 +20,7 @@ from edge.api.grpc_server import GrpcServer
 from edge.api.http_server import HttpServer
 from edge.api.inference_service import InferenceServicer
 from edge.api.metrics import MetricsExporter, RequestCounters
+from edge.api.sd_notify import Watchdog, service_ready, service_stopping
 from edge.api.statistics import model_figures
 from edge.core.config import Settings
 from edge.dispatch.retry import RetryPolicy
@@ -68,6 +69,7 @@ class EdgeServer:
                                    self.counters, extra=self.pipeline_metrics.exposition)
         self._http = HttpServer(exporter, self.manager.ready)
         self._stopped = threading.Event()
+        self._watchdog: Watchdog | None = None  # systemd (Type=notify, WatchdogSec)
         self.ports: BoundPorts | None = None
 
     def start(self) -> BoundPorts:
@@ -84,6 +86,7 @@ class EdgeServer:
         self._grpc.set_serving(True)
         http_port = self._http.start(server.bind, server.http_port)
         self.ports = BoundPorts(server.bind, grpc_endpoint.port, http_port, dicom_port)
+        self._watchdog = service_ready(lambda: not self._stopped.is_set())
         log.info("serving: grpc %s:%d, http %s:%d, dicom %s", server.bind, grpc_endpoint.port,
                  server.bind, http_port, dicom_port)
         return self.ports
@@ -120,6 +123,7 @@ class EdgeServer:
         timeout = self.settings.server.drain_timeout_s if drain_timeout_s is None \
             else drain_timeout_s
         log.info("stopping: draining for up to %.1f s", timeout)
+        service_stopping(self._watchdog)
         self._grpc.set_serving(False)
         if self.listener is not None:
             self.listener.stop()
