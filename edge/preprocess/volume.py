@@ -115,11 +115,12 @@ def frame_geometries(header: Any) -> tuple[FrameGeometry, ...]:
             measures = getattr(group, "PixelMeasuresSequence", None)
             if measures is not None:
                 spacing = _floats(_item(measures, "PixelSpacing") or (), 2) or spacing
-        out.append(FrameGeometry(
+        placed = position is not None and (index < len(per_frame) or frames == 1)
+        out.append(FrameGeometry(  # one top-level position cannot place several frames
             sop_instance_uid=uid, frame_number=index + 1,
-            position=position if position is None or index < len(per_frame) or frames == 1
-            else None,  # one top-level position cannot place several frames
-            orientation=orientation, pixel_spacing=spacing,  # type: ignore[arg-type]
+            position=(position[0], position[1], position[2]) if placed and position else None,
+            orientation=orientation,
+            pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
             instance_number=instance_number, slice_thickness=thickness[0] if thickness else None))
     return tuple(out)
 
