@@ -43,6 +43,10 @@ def optimize_onnx(source: Path, target: Path) -> Path:
         except Exception as exc:  # onnxruntime raises untyped errors
             raise ExportError(f"{source}: ONNX Runtime cannot load the model: {exc}") from exc
         model = onnx.load(str(folded))
+        used = {n.domain for n in model.graph.node} | {"", "ai.onnx"}
+        keep = [o for o in model.opset_import if o.domain in used]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)  # ORT declares com.microsoft even when unused
         try:
             model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
             onnx.checker.check_model(model)
