@@ -6,6 +6,11 @@ Precedence, lowest first: ``BackendSettings``; the config's instance kind and
 ``graph { level }`` -1 disables graph optimisation, 1 is extended); then ``parameters``
 (Triton's ``intra_op_thread_count``/``inter_op_thread_count``, and mededge's ``providers``,
 a comma list, and ``graph_optimization``).
+
+TensorRT engines: platform ``tensorrt_plan`` (or parameter ``tensorrt_engine: "true"`` on an
+ONNX model) goes through ``engine_manager``, which serves a matching engine or falls back to
+ONNX Runtime on the version's model.onnx; parameters ``tensorrt_precision`` (fp32, fp16, int8),
+``tensorrt_max_batch``, ``tensorrt_dla_core`` and ``tensorrt_workspace_mb`` shape the engine.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge.backends.base import Backend, BackendOptions
+from edge.backends.engine_manager import ENGINE_OPTIONS
 from edge.core.config import BackendSettings
 from edge.core.errors import RepositoryError
 from edge.protos import model_config_pb2
@@ -20,6 +26,13 @@ from edge.repository.model_config import ModelConfig
 
 ONNX_PLATFORMS = ("onnxruntime_onnx",)
 ONNX_BACKENDS = ("onnxruntime",)
+TENSORRT_PLATFORMS = ("tensorrt_plan", "tensorrt")
+#: A model served by a remote KServe v2 server (edge/backends/remote_kserve.py); its config's
+#: ``remote_*`` parameters travel in ``BackendOptions.provider_options[REMOTE_OPTIONS]``.
+REMOTE_BACKENDS = ("remote",)
+REMOTE_OPTIONS = "remote"
+_ENGINE_PARAMS = {"tensorrt_precision": "precision", "tensorrt_max_batch": "max_batch",
+                  "tensorrt_dla_core": "dla_core", "tensorrt_workspace_mb": "workspace_mb"}
 _TRT_EP = "TensorrtExecutionProvider"
 _CUDA_EP = "CUDAExecutionProvider"
 _CPU_EP = "CPUExecutionProvider"
@@ -75,23 +88,49 @@ def backend_options(config: ModelConfig, settings: BackendSettings,
                               "one of disable, basic, extended, all")
     intra = _int_param(config, "intra_op_thread_count", settings.intra_op_threads, source)
     inter = _int_param(config, "inter_op_thread_count", settings.inter_op_threads, source)
+    provider_options: dict[str, dict[str, str]] = {_TRT_EP: trt_params} if trt_params else {}
+    engine_wanted = (config.platform or config.backend) in TENSORRT_PLATFORMS or \
+        (_param(config, "tensorrt_engine") or "").lower() in ("1", "true")
+    if engine_wanted:
+        engine = {v: _param(config, k) or "" for k, v in _ENGINE_PARAMS.items()}
+        engine["config_max_batch"] = str(max(1, config.max_batch_size))
+        provider_options[ENGINE_OPTIONS] = {k: v for k, v in engine.items() if v}
+    remote = {key: config.parameters[key].string_value for key in config.parameters
+              if key.startswith("remote_")}
+    if remote or (config.backend or config.platform) in REMOTE_BACKENDS:
+        provider_options[REMOTE_OPTIONS] = remote
     return BackendOptions(
         providers=tuple(providers), intra_op_threads=max(0, intra),
         inter_op_threads=max(1, inter), graph_optimization=graph,
-        batched=config.max_batch_size > 0,
-        provider_options={_TRT_EP: trt_params} if trt_params else {})
+        batched=config.max_batch_size > 0, provider_options=provider_options)
+
+
+def wants_engine(platform: str, options: BackendOptions) -> bool:
+    """Whether a TensorRT engine should serve this model (platform or parameter)."""
+    return platform in TENSORRT_PLATFORMS or ENGINE_OPTIONS in options.provider_options
 
 
 def open_backend(platform: str, path: Path, options: BackendOptions) -> Backend:
     """Open the model file at ``path`` with the backend for ``platform``.
 
     ``platform`` is a config's ``backend`` or ``platform`` (``onnxruntime``,
-    ``onnxruntime_onnx``). TensorRT engines and remote backends plug in here.
+    ``onnxruntime_onnx``, ``tensorrt_plan``). Remote backends plug in here.
 
     Raises:
         RepositoryError: no backend serves ``platform``, or the file is not a loadable model.
         BackendError: the runtime could not open the model.
     """
+    # Remote first: ``remote_*`` parameters send the model to a KServe v2 server, whatever its
+    # platform (so the same folder also serves locally under Triton, which ignores them).
+    if platform in REMOTE_BACKENDS or REMOTE_OPTIONS in options.provider_options:
+        from edge.backends.remote_kserve import RemoteKServeBackend, RemoteTarget
+
+        params = options.provider_options.get(REMOTE_OPTIONS, {})
+        return RemoteKServeBackend(RemoteTarget.from_parameters(params, path), options)
+    if wants_engine(platform, options):
+        from edge.backends.engine_manager import open_engine_or_fallback
+
+        return open_engine_or_fallback(path, options)
     if platform in ONNX_BACKENDS or platform in ONNX_PLATFORMS:
         from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
 

@@ -5,6 +5,9 @@ served table in one assignment; the replaced versions finish what they hold (req
 the swap are forwarded to their successor) and are closed. So a reload fails no request.
 A version whose files and config did not change is kept as it is. Poll mode rescans the
 repository every ``poll_interval_s`` and reloads what changed.
+A version served by ONNX Runtime while its TensorRT engine is missing or mismatched gets the
+engine built in the background (``EngineBuilds``); when it is on disk the version is reloaded,
+which swaps the engine in the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.backends.engine_manager import EngineBuilds
+from edge.backends.registry import backend_options, wants_engine
 from edge.core.config import Settings
 from edge.core.errors import (
     MededgeError,
@@ -24,6 +29,7 @@ from edge.core.errors import (
     RepositoryError,
 )
 from edge.repository.loader import list_models, model_fingerprint, read_model
+from edge.repository.model_config import ModelConfig
 from edge.scheduler.loading import load_version
 from edge.scheduler.model import ServedModel
 
@@ -66,6 +72,8 @@ class ModelManager:
         self._poller: threading.Thread | None = None
         self._started = False
         self._closing = False
+        self._engines = EngineBuilds()
+        self._stale: set[tuple[str, int]] = set()  # versions whose engine became ready
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -95,6 +103,7 @@ class ModelManager:
         """Stop polling, let in-flight requests finish (up to ``drain_timeout_s``), unload all."""
         self._closing = True
         self._stop.set()
+        self._engines.close()
         if self._poller is not None:
             self._poller.join(timeout=10)
         for name in list(self._served):
@@ -165,7 +174,9 @@ class ModelManager:
             for version in source.versions:
                 number = version.model_id.version
                 old = current.get(number)
-                if old is not None and old.fingerprint == \
+                stale = (name, number) in self._stale
+                self._stale.discard((name, number))
+                if old is not None and not stale and old.fingerprint == \
                         f"{source.config_fingerprint}:{version.fingerprint}":
                     old.sidecar = source.sidecar
                     fresh[number] = old
@@ -174,6 +185,8 @@ class ModelManager:
                 try:
                     fresh[number] = load_version(source, version, self._settings)
                     log.info("%s ready (%s)", version.model_id, fresh[number].backend_description)
+                    self._ensure_engine(source.config, source.platform, version.directory,
+                                        name, number)
                 except MededgeError as exc:
                     errors.append(exc)
                     self._set_status(name, number, ModelState.UNAVAILABLE, str(exc))
@@ -199,6 +212,29 @@ class ModelManager:
             if not fresh:
                 raise RepositoryError(f"{name}: no version could be loaded from "
                                       f"{source.directory}")
+
+    def _ensure_engine(self, config: ModelConfig, platform: str, directory: Path, name: str,
+                       number: int) -> None:
+        """Start a background TensorRT build when the version wants an engine and lacks one."""
+        options = backend_options(config, self._settings.backend)
+        if not wants_engine(platform, options):
+            return
+        try:
+            status = self._engines.ensure(directory, options,
+                                          lambda: self._engine_ready(name, number))
+        except MededgeError as exc:
+            status = f"no engine build: {exc}"
+        log.info("%s:%d: %s", name, number, status)
+
+    def _engine_ready(self, name: str, number: int) -> None:
+        """Called from the build thread: reload the version so the engine is swapped in."""
+        if self._closing or name not in self._wanted:
+            return
+        self._stale.add((name, number))
+        try:
+            self.load(name)
+        except MededgeError as exc:
+            log.error("%s:%d: reload with the new TensorRT engine failed: %s", name, number, exc)
 
     def unload(self, name: str) -> None:
         """Stop serving ``name``: queued and executing requests finish first.
