@@ -27,6 +27,10 @@ from edge.repository.model_config import ModelConfig
 ONNX_PLATFORMS = ("onnxruntime_onnx",)
 ONNX_BACKENDS = ("onnxruntime",)
 TENSORRT_PLATFORMS = ("tensorrt_plan", "tensorrt")
+#: A model served by a remote KServe v2 server (edge/backends/remote_kserve.py); its config's
+#: ``remote_*`` parameters travel in ``BackendOptions.provider_options[REMOTE_OPTIONS]``.
+REMOTE_BACKENDS = ("remote",)
+REMOTE_OPTIONS = "remote"
 _ENGINE_PARAMS = {"tensorrt_precision": "precision", "tensorrt_max_batch": "max_batch",
                   "tensorrt_dla_core": "dla_core", "tensorrt_workspace_mb": "workspace_mb"}
 _TRT_EP = "TensorrtExecutionProvider"
@@ -91,6 +95,10 @@ def backend_options(config: ModelConfig, settings: BackendSettings,
         engine = {v: _param(config, k) or "" for k, v in _ENGINE_PARAMS.items()}
         engine["config_max_batch"] = str(max(1, config.max_batch_size))
         provider_options[ENGINE_OPTIONS] = {k: v for k, v in engine.items() if v}
+    remote = {key: config.parameters[key].string_value for key in config.parameters
+              if key.startswith("remote_")}
+    if remote or (config.backend or config.platform) in REMOTE_BACKENDS:
+        provider_options[REMOTE_OPTIONS] = remote
     return BackendOptions(
         providers=tuple(providers), intra_op_threads=max(0, intra),
         inter_op_threads=max(1, inter), graph_optimization=graph,
@@ -112,6 +120,13 @@ def open_backend(platform: str, path: Path, options: BackendOptions) -> Backend:
         RepositoryError: no backend serves ``platform``, or the file is not a loadable model.
         BackendError: the runtime could not open the model.
     """
+    # Remote first: ``remote_*`` parameters send the model to a KServe v2 server, whatever its
+    # platform (so the same folder also serves locally under Triton, which ignores them).
+    if platform in REMOTE_BACKENDS or REMOTE_OPTIONS in options.provider_options:
+        from edge.backends.remote_kserve import RemoteKServeBackend, RemoteTarget
+
+        params = options.provider_options.get(REMOTE_OPTIONS, {})
+        return RemoteKServeBackend(RemoteTarget.from_parameters(params, path), options)
     if wants_engine(platform, options):
         from edge.backends.engine_manager import open_engine_or_fallback
 

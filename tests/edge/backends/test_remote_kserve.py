@@ -1,0 +1,269 @@
+"""The remote KServe v2 backend against two real servers on loopback: Triton (the server bundled
+in nvidia-pytriton, serving an ONNX Runtime session from Python, as ``mededge bench serve``
+starts it) and mededge's own gRPC server. Results must equal a local ONNX Runtime run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_factory import add_scale, add_scale_config, served, write_add_scale_repo
+
+from edge.api.server import EdgeServer
+from edge.backends.base import BackendOptions
+from edge.backends.onnxruntime_backend import OnnxRuntimeBackend
+from edge.backends.registry import backend_options, open_backend
+from edge.backends.remote_kserve import RemoteKServeBackend, RemoteTarget
+from edge.core.config import BackendSettings, load_settings
+from edge.core.errors import BackendError, RepositoryError
+from edge.core.types import InferenceRequest
+from edge.repository.model_config import parse_model_config
+
+X = np.arange(12, dtype=np.float32).reshape(3, 4) - 5.0
+
+
+def _free_port_block(count: int) -> int:
+    """A port p with p .. p+count-1 free right now (Triton takes grpc, http, metrics)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        try:
+            held = []
+            for port in range(base, base + count):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError("no block of free ports")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return add_scale(tmp_path_factory.mktemp("onnx") / "add.onnx", scale=3.0, offset=0.5)
+
+
+@pytest.fixture(scope="module")
+def local(model_path: Path) -> dict[str, np.ndarray]:
+    with OnnxRuntimeBackend(model_path, BackendOptions(intra_op_threads=1)) as backend:
+        return backend.infer({"INPUT0": X})
+
+
+@pytest.fixture(scope="module")
+def triton_url(model_path: Path) -> Iterator[str]:
+    """pytriton's Triton in its own process group (so its tritonserver child dies with it)."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed")
+    from edge.tools.bench_serve import TRITON_SCRIPT
+
+    port = _free_port_block(3)
+    env = dict(os.environ)
+    # Triton's Python backend must load the venv's libpython, not Debian's older one.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH"))
+                                             if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRITON_SCRIPT, str(model_path), "add", "INPUT0", "OUTPUT0", "1",
+         str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True)
+    assert proc.stdout is not None
+    tail: list[str] = []
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line])[-20:]
+            if line.startswith("triton ready"):
+                break
+        else:
+            proc.wait(30)
+            pytest.skip("pytriton's Triton did not start here: " + "".join(tail)[-500:])
+        threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+        yield f"127.0.0.1:{port}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def mededge_url(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[str]:
+    """mededge's own gRPC server serving the same model as ``add``."""
+    repo = tmp_path_factory.mktemp("repo")
+    (repo / "add" / "1").mkdir(parents=True)
+    (repo / "add" / "1" / "model.onnx").write_bytes(model_path.read_bytes())
+    (repo / "add" / "config.pbtxt").write_text(add_scale_config("add"))
+    settings = load_settings(environ={}, overrides={
+        "server": {"bind": "127.0.0.1", "grpc_port": 0, "http_port": 0,
+                   "model_repository": str(repo),
+                   "data_dir": str(tmp_path_factory.mktemp("data"))}})
+    with EdgeServer(settings) as server:
+        assert server.ports is not None
+        yield f"127.0.0.1:{server.ports.grpc}"
+
+
+#: What pytriton's Triton does here (see _values_or_skip).
+EMPTY_OUTPUTS = ("pytriton's Triton answers ModelInfer with the right output shape but empty "
+                 "raw_output_contents on this machine (tritonclient sees the same); likely its "
+                 "Python backend stub, built for numpy 1, under the venv's numpy 2")
+
+
+def _returns_data(url: str) -> bool:
+    """One raw ModelInfer: does the server fill raw_output_contents?"""
+    import grpc
+
+    from edge.protos import inference_pb2, inference_pb2_grpc
+
+    with grpc.insecure_channel(url) as channel:
+        request = inference_pb2.ModelInferRequest(model_name="add")
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+        response = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, timeout=30)
+    return bool(response.raw_output_contents and response.raw_output_contents[0])
+
+
+@pytest.fixture(params=["triton", "mededge"])
+def url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+def _values_or_skip(url: str, backend: RemoteKServeBackend) -> None:
+    """Skip a value comparison where the server sends no values, after checking that the
+    backend refuses such a response instead of returning an empty array."""
+    if not _returns_data(url):
+        with pytest.raises(BackendError, match="values do not fill shape"):
+            backend.infer({"INPUT0": X})
+        pytest.skip(EMPTY_OUTPUTS)
+
+
+def _dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"  # closed again: nothing listens
+
+
+def test_results_equal_local_onnxruntime(url: str, local: dict[str, np.ndarray]) -> None:
+    with RemoteKServeBackend(RemoteTarget(url, "add"), BackendOptions(batched=True)) as remote:
+        assert [s.name for s in remote.inputs] == ["INPUT0"]
+        assert remote.inputs[0].datatype == "FP32" and remote.inputs[0].shape == (4,)
+        assert [s.name for s in remote.outputs] == ["OUTPUT0"]
+        _values_or_skip(url, remote)
+        result = remote.infer({"INPUT0": X})
+        assert url in remote.description
+    np.testing.assert_array_equal(result["OUTPUT0"], local["OUTPUT0"])
+
+
+def test_outbound_hook_sees_and_changes_what_leaves(url: str) -> None:
+    seen: list[str] = []
+
+    def scrub(inputs):  # type: ignore[no-untyped-def]
+        seen.extend(inputs)
+        return {name: np.zeros_like(array) for name, array in inputs.items()}
+
+    with RemoteKServeBackend(RemoteTarget(url, "add"), BackendOptions(), outbound=scrub) as r:
+        _values_or_skip(url, r)
+        seen.clear()
+        result = r.infer({"INPUT0": X})
+    assert seen == ["INPUT0"]
+    np.testing.assert_array_equal(result["OUTPUT0"], np.full((3, 4), 0.5, np.float32))
+
+
+def test_repository_model_runs_remotely_through_the_scheduler(
+        tmp_path: Path, url: str, local: dict[str, np.ndarray]) -> None:
+    """``backend: "remote"`` in config.pbtxt, tensors from the remote metadata, an empty
+    version folder: the same ServedModel (queue, batching, statistics) as a local model."""
+    if not _returns_data(url):
+        pytest.skip(EMPTY_OUTPUTS)
+    (tmp_path / "add" / "1").mkdir(parents=True)
+    (tmp_path / "add" / "config.pbtxt").write_text(
+        'backend: "remote"\nmax_batch_size: 8\ndynamic_batching { }\n'
+        f'parameters {{ key: "remote_url" value: {{ string_value: "{url}" }} }}\n')
+    model = served(tmp_path, "add")
+    try:
+        assert "remote KServe v2" in model.backend_description
+        response = model.submit(InferenceRequest(model="add", inputs={"INPUT0": X})).result(30)
+        np.testing.assert_array_equal(response.outputs["OUTPUT0"], local["OUTPUT0"])
+        assert model.statistics().inference_stats.success.count == 1
+    finally:
+        model.close(5.0)
+
+
+def test_remote_url_parameter_overrides_an_onnx_platform(tmp_path: Path,
+                                                         mededge_url: str) -> None:
+    """The same folder Triton serves locally runs remotely when it names a remote_url."""
+    write_add_scale_repo(tmp_path, "add", config=add_scale_config(
+        "add", extra='parameters { key: "remote_url" value: { string_value: "grpc://'
+                     f'{mededge_url}" }} }}'))
+    config = parse_model_config((tmp_path / "add" / "config.pbtxt").read_text())
+    options = backend_options(config, BackendSettings())
+    with open_backend("onnxruntime", tmp_path / "add" / "1" / "model.onnx", options) as backend:
+        assert isinstance(backend, RemoteKServeBackend)
+        assert backend.target.url == mededge_url and backend.target.model == "add"
+
+
+def test_remote_down_raises_backend_error_naming_the_url(tmp_path: Path) -> None:
+    dead = _dead_url()
+    with pytest.raises(BackendError, match=dead):
+        RemoteKServeBackend(RemoteTarget(dead, "add", connect_timeout_s=0.5), BackendOptions())
+
+
+def test_remote_stopping_mid_service_fails_requests_with_backend_error(
+        tmp_path: Path, model_path: Path) -> None:
+    write_add_scale_repo(tmp_path / "repo", "add")
+    settings = load_settings(environ={}, overrides={
+        "server": {"bind": "127.0.0.1", "grpc_port": 0, "http_port": 0,
+                   "model_repository": str(tmp_path / "repo"), "data_dir": str(tmp_path)}})
+    server = EdgeServer(settings)
+    ports = server.start()
+    url = f"127.0.0.1:{ports.grpc}"
+    backend = RemoteKServeBackend(RemoteTarget(url, "add", timeout_s=5), BackendOptions())
+    try:
+        backend.infer({"INPUT0": X})
+        server.stop(1.0)
+        with pytest.raises(BackendError, match=url):
+            backend.infer({"INPUT0": X})
+    finally:
+        backend.close()
+        server.stop(1.0)
+
+
+def test_unknown_remote_model_is_a_backend_error(mededge_url: str) -> None:
+    with pytest.raises(BackendError, match="nosuch"):
+        RemoteKServeBackend(RemoteTarget(mededge_url, "nosuch", connect_timeout_s=2),
+                            BackendOptions())
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({}, "remote_url.*required"),
+    ({"remote_url": "https://triton:8001"}, "TLS"),
+    ({"remote_url": "h:1", "remote_timeout_s": "soon"}, "remote_timeout_s.*not a number"),
+    ({"remote_url": "h:1", "remote_connect_timeout_s": "0"}, "must be > 0"),
+])
+def test_bad_parameters_name_the_key(params: dict[str, str], message: str) -> None:
+    with pytest.raises(RepositoryError, match=message):
+        RemoteTarget.from_parameters(params, Path("/repo/add/1/model.onnx"))
+
+
+def test_parameter_defaults_come_from_the_model_folder() -> None:
+    target = RemoteTarget.from_parameters({"remote_url": "grpc://triton:8001"},
+                                          Path("/repo/lung_seg/3/model.onnx"))
+    assert (target.url, target.model, target.version) == ("triton:8001", "lung_seg", "")
