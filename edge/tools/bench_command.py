@@ -2,6 +2,7 @@
 
 ``mededge bench serve --work DIR``: serving overhead of mededge vs raw ONNX Runtime vs Triton.
 ``mededge bench dicom --work DIR``: durable DICOM receive vs storescp, Orthanc, bare pynetdicom.
+``mededge bench convert --work DIR``: INT8 vs FP32 on this CPU (speed-up and metric drop).
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated: storescp, orthanc, pynetdicom, mededge")
     dicom.add_argument("--streams", default="1,4",
                        help="comma-separated numbers of parallel associations")
+    _convert_arguments(sub.add_parser(
+        "convert", help="INT8 vs FP32 on ONNX Runtime CPU: throughput ratio and metric drop"))
 
 
 def run(args: argparse.Namespace) -> int:
     if args.bench == "dicom":
         return _run_dicom(args)
+    if args.bench == "convert":
+        return _run_convert(args)
     from edge.tools import bench_serve
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -64,3 +69,30 @@ def _run_dicom(args: argparse.Namespace) -> int:
         return 2
     streams = [int(n) for n in args.streams.split(",") if n.strip()]
     return bench_dicom.main(args.work, args.images, args.rounds, systems, streams, args.size)
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", type=Path, default=Path("work/bench-convert"),
+                        help="folder for the models, the INT8 files and the JSON results")
+    parser.add_argument("--size", type=int, default=96, help="image size of the bench models")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per bench model")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternating rounds (FP32, INT8); medians reported")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
+    parser.add_argument("--batch", type=int, default=8, help="batch size")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: default)")
+    parser.add_argument("--repo", type=Path, help="bench published models instead")
+    parser.add_argument("--classifier", help="classifier name in --repo")
+    parser.add_argument("--segmenter", help="segmenter name in --repo")
+    parser.add_argument("--data", type=Path, help="data for --repo models (train/test splits)")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    # The converters package sits beside edge (it may import edge, not the reverse); this CLI
+    # command only dispatches to it, lazily, as edge.cli dispatches to every command module.
+    from converters import bench
+
+    return bench.main(args.work, size=args.size, steps=args.steps, rounds=args.rounds,
+                      seconds=args.seconds, batch=args.batch, threads=args.threads,
+                      repo=args.repo, classifier=args.classifier, segmenter=args.segmenter,
+                      data=args.data)
