@@ -17,12 +17,14 @@ from typing import Any
 import grpc
 
 from edge.core import errors
+from edge.jobs.queries import SeriesNotFoundError
 
 log = logging.getLogger(__name__)
 
 #: Exception type -> gRPC code. Order matters only for subclasses (none overlap today).
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (SeriesNotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
     (errors.InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),

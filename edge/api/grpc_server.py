@@ -1,4 +1,5 @@
-"""The gRPC server: KServe v2 inference service, grpc.health.v1 and server reflection.
+"""The gRPC server: KServe v2 inference service, mededge.v1.DicomJobs (with the DICOM path),
+grpc.health.v1 and server reflection.
 
 A synchronous grpc server on a thread pool: each inference RPC blocks one worker while its
 request waits in the scheduler, which keeps the per-call overhead at one Python function call
@@ -17,6 +18,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edge.api.errors import ErrorInterceptor
 from edge.api.inference_service import InferenceServicer
+from edge.api.jobs_service import SERVICE_NAME as JOBS_SERVICE_NAME
+from edge.api.jobs_service import JobsServicer, add_to_server
 from edge.core.config import GrpcSettings
 from edge.core.errors import ConfigError
 from edge.protos import POOL, inference_pb2, inference_pb2_grpc
@@ -45,7 +48,8 @@ class GrpcEndpoint:
 class GrpcServer:
     """Owns the grpc.Server, its health servicer and its thread pool."""
 
-    def __init__(self, servicer: InferenceServicer, settings: GrpcSettings) -> None:
+    def __init__(self, servicer: InferenceServicer, settings: GrpcSettings,
+                 jobs: JobsServicer | None = None) -> None:
         limit = settings.max_message_bytes
         self._pool = ThreadPoolExecutor(max_workers=settings.max_workers,
                                         thread_name_prefix="grpc")
@@ -56,11 +60,15 @@ class GrpcServer:
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        self._services: tuple[str, ...] = (SERVICE_NAME,)
+        if jobs is not None:
+            add_to_server(jobs, self._server)
+            self._services += (JOBS_SERVICE_NAME,)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server,
+                (*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server,
                 pool=_reflection_pool())
 
     def start(self, host: str, port: int) -> GrpcEndpoint:
@@ -83,7 +91,7 @@ class GrpcServer:
         """Report SERVING / NOT_SERVING on grpc.health.v1 for the server and the service."""
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", SERVICE_NAME):
+        for name in ("", *self._services):
             self.health.set(name, status)
 
     def stop(self, grace_s: float) -> None:

@@ -1,7 +1,8 @@
 """Wires the service: model manager, the DICOM path, gRPC and HTTP front ends, their lifecycle.
 
 Start order: models (so readiness is true when the ports open), then with ``dicom=True`` the
-ledger, the delivery worker (resumes queued deliveries), the orchestrator (resumes unfinished
+ledger, the delivery worker (resumes queued deliveries), reconciliation of the spool with the
+ledger (power-loss recovery), the orchestrator (resumes unfinished
 instances) and the DICOM listener, then gRPC, HTTP. Stop order on SIGTERM: health goes
 NOT_SERVING, the DICOM listener stops taking associations, the gRPC server refuses new calls and
 lets in-flight ones finish (up to ``server.drain_timeout_s``), the orchestrator drains its
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from edge.api.grpc_server import GrpcServer
 from edge.api.http_server import HttpServer
 from edge.api.inference_service import InferenceServicer
+from edge.api.jobs_service import JobsServicer
 from edge.api.metrics import MetricsExporter, RequestCounters
 from edge.api.sd_notify import Watchdog, service_ready, service_stopping
 from edge.api.statistics import model_figures
@@ -27,7 +29,8 @@ from edge.dispatch.retry import RetryPolicy
 from edge.dispatch.sender import DicomSender
 from edge.dispatch.worker import DeliveryWorker
 from edge.ingest.listener import DicomListener
-from edge.jobs.ledger import Ledger
+from edge.jobs.ledger import DeliveryUpdate, Ledger
+from edge.jobs.reconcile import reconcile
 from edge.pipeline.metrics import PipelineMetrics
 from edge.pipeline.orchestrator import Orchestrator
 from edge.scheduler.manager import ModelManager
@@ -64,7 +67,9 @@ class EdgeServer:
         self.orchestrator: Orchestrator | None = None
         self.listener: DicomListener | None = None
         self._dicom = dicom
-        self._grpc = GrpcServer(InferenceServicer(self.manager, self.counters), settings.grpc)
+        jobs = JobsServicer(lambda: self.orchestrator) if dicom else None
+        self._grpc = GrpcServer(InferenceServicer(self.manager, self.counters), settings.grpc,
+                                jobs)
         exporter = MetricsExporter(lambda: model_figures(self.manager, self.counters),
                                    self.counters, extra=self.pipeline_metrics.exposition)
         self._http = HttpServer(exporter, self.manager.ready)
@@ -103,18 +108,24 @@ class EdgeServer:
         self.delivery = DeliveryWorker(
             self.ledger, DicomSender(settings.dispatch),
             RetryPolicy.from_settings(settings.dispatch),
-            max_batch=settings.dispatch.max_batch,
-            on_outcome=lambda update: self.pipeline_metrics.delivery_outcome(
-                update.delivery_id, str(update.state.value)))
+            max_batch=settings.dispatch.max_batch, on_outcome=self._delivery_outcome)
         self.delivery.start()
         self.orchestrator = Orchestrator(settings, self.ledger, self.manager, self.delivery,
                                          self.pipeline_metrics)
-        self.orchestrator.start()
         self.listener = DicomListener(settings, self.orchestrator.recorder,
                                       self.orchestrator.on_release)
+        # power-loss recovery: spool files the ledger lost are recorded before anything resumes
+        reconcile(self.listener.spool, self.ledger)
+        self.orchestrator.start(self.listener.spool)
         port = self.listener.start()
         self.pipeline_metrics.watch_ingest(self.listener.stats.snapshot, self.listener.spool.root)
         return port
+
+    def _delivery_outcome(self, update: DeliveryUpdate) -> None:
+        if self.orchestrator is not None:  # metrics, result events, slice pruning
+            self.orchestrator.delivery_outcome(update)
+        else:
+            self.pipeline_metrics.delivery_outcome(update.delivery_id, str(update.state.value))
 
     def stop(self, drain_timeout_s: float | None = None) -> None:
         """Drain in-flight requests (up to ``drain_timeout_s``) and release everything."""

@@ -24,6 +24,8 @@ class ReceivedInstance:
     size: int
     calling_ae: str
     received_at: float  # time.time()
+    priority: int = 0  # the C-STORE request's Priority (PS3.7 9.1.1.1.5): 0 MEDIUM, 1 HIGH, 2 LOW
+    move_originator_ae: str = ""  # Move Originator AE Title, when a C-MOVE caused the store
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,9 @@ class DicomListener:
             data = cast(BytesIO, cast(C_STORE, event.request).DataSet).getbuffer()
             stored = self.spool.store(identity, file_meta(identity, calling), data)
             new = self._recorder.record_instance(ReceivedInstance(
-                identity, stored.path, stored.size, calling, time.time()))
+                identity, stored.path, stored.size, calling, time.time(),
+                int(request.Priority or 0), str(request.MoveOriginatorApplicationEntityTitle
+                                                or "").strip()))
         except Exception as exc:  # every failure becomes a status, in statuses.py
             status = failure_status(exc, calling, sop_instance_uid)
             self.stats.store_failed(status)

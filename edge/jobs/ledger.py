@@ -18,13 +18,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge.core.errors import MededgeError
 from edge.ingest import ReceivedInstance
 from edge.ingest.spool import OutOfResourcesError, Spool
 from edge.ingest.uids import InstanceIdentity
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: run state 'skipped', runs.fingerprint
 
 
 class InstanceState(str, enum.Enum):
@@ -49,6 +50,11 @@ class RunState(str, enum.Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    SKIPPED = "skipped"  # nothing applies (the reason is in ``error``)
+
+
+#: Run states that end a run.
+FINISHED_RUN_STATES = (RunState.DONE, RunState.FAILED, RunState.SKIPPED)
 
 
 class DeliveryState(str, enum.Enum):
@@ -98,8 +104,10 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at          REAL NOT NULL,
     started_at          REAL,
     finished_at         REAL,
-    error               TEXT
+    error               TEXT,
+    fingerprint         TEXT  -- series-level runs: models + instances the results cover
 );
+CREATE INDEX IF NOT EXISTS runs_series ON runs (series_instance_uid);
 CREATE INDEX IF NOT EXISTS runs_state ON runs (state);
 CREATE TABLE IF NOT EXISTS results (
     result_id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -120,6 +128,33 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated_at          REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS results_run ON results (run_id);
+CREATE INDEX IF NOT EXISTS series_received ON series (last_received_at);
+"""
+
+#: Version 1 -> 2 (additive): the runs table gains the state 'skipped' (a CHECK constraint,
+#: so the table is rebuilt, SQLite's documented way) and the column ``fingerprint``.
+_MIGRATE_1_TO_2 = f"""
+CREATE TABLE runs_v2 (
+    run_id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_instance_uid TEXT NOT NULL REFERENCES series (series_instance_uid),
+    sop_instance_uid    TEXT,
+    pipeline            TEXT NOT NULL,
+    model               TEXT NOT NULL,
+    state               TEXT NOT NULL DEFAULT 'queued' {_check("state", RunState)},
+    created_at          REAL NOT NULL,
+    started_at          REAL,
+    finished_at         REAL,
+    error               TEXT,
+    fingerprint         TEXT
+);
+INSERT INTO runs_v2 (run_id, series_instance_uid, sop_instance_uid, pipeline, model, state,
+                     created_at, started_at, finished_at, error)
+    SELECT run_id, series_instance_uid, sop_instance_uid, pipeline, model, state, created_at,
+           started_at, finished_at, error FROM runs;
+DROP TABLE runs;
+ALTER TABLE runs_v2 RENAME TO runs;
+CREATE INDEX IF NOT EXISTS runs_state ON runs (state);
 """
 
 
@@ -188,13 +223,29 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise LedgerError(f"{self.path}: schema version {version}, "
-                                  f"expected {SCHEMA_VERSION}")
+                                  f"expected {SCHEMA_VERSION} or older")
+            if version == 1:
+                self._migrate_from_1()
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: {exc}") from exc
+
+    def _migrate_from_1(self) -> None:
+        """Rebuild ``runs`` for schema 2 in one transaction (foreign keys off meanwhile, as
+        SQLite's ALTER TABLE procedure asks). Raises: sqlite3.DatabaseError."""
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            self._db.executescript("BEGIN IMMEDIATE;" + _MIGRATE_1_TO_2
+                                   + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.DatabaseError:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._db.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         with self._lock:
@@ -298,6 +349,17 @@ class Ledger:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT path FROM instances")}
 
+    def query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only statement (the typed queries in :mod:`edge.jobs.queries`).
+
+        Raises: LedgerError.
+        """
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, tuple(args)).fetchall())
+            except sqlite3.DatabaseError as exc:
+                raise LedgerError(f"ledger: {exc}") from exc
+
     def _select(self, where: str, args: tuple[object, ...]) -> list[InstanceRecord]:
         sql = ("SELECT i.sop_instance_uid, i.series_instance_uid, i.study_instance_uid, "
                "i.sop_class_uid, i.transfer_syntax_uid, i.path, i.size, i.calling_ae, "
@@ -315,12 +377,13 @@ class Ledger:
     # -- runs, results, deliveries (filled in by later stages) -------------------------------
 
     def create_run(self, series_instance_uid: str, pipeline: str, model: str,
-                   sop_instance_uid: str | None = None) -> int:
+                   sop_instance_uid: str | None = None, fingerprint: str | None = None) -> int:
         """Queue a pipeline run; return its id. Raises: OutOfResourcesError, LedgerError."""
         with self._transaction() as db:
             cur = db.execute("INSERT INTO runs (series_instance_uid, sop_instance_uid, pipeline, "
-                             "model, created_at) VALUES (?, ?, ?, ?, ?)",
-                             (series_instance_uid, sop_instance_uid, pipeline, model, time.time()))
+                             "model, created_at, fingerprint) VALUES (?, ?, ?, ?, ?, ?)",
+                             (series_instance_uid, sop_instance_uid, pipeline, model, time.time(),
+                              fingerprint))
             return int(cur.lastrowid or 0)
 
     def set_run_state(self, run_id: int, state: RunState | str, error: str | None = None) -> None:
@@ -331,7 +394,8 @@ class Ledger:
             cur = db.execute(
                 "UPDATE runs SET state = ?, error = ?, "
                 "started_at = CASE WHEN ? = 'running' THEN ? ELSE started_at END, "
-                "finished_at = CASE WHEN ? IN ('done', 'failed') THEN ? ELSE finished_at END "
+                "finished_at = CASE WHEN ? IN ('done', 'failed', 'skipped') THEN ? "
+                "ELSE finished_at END "
                 "WHERE run_id = ?",
                 (state.value, error, state.value, now, state.value, now, run_id))
             if cur.rowcount == 0:

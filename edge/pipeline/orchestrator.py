@@ -7,17 +7,25 @@ preprocesses and submits every frame to the scheduler (a C-STORE Priority of HIG
 request's priority), keeping each output in the :class:`~edge.pipeline.slices.SliceStore`.
 When the :class:`~edge.pipeline.tracker.SeriesTracker` says the series is complete, the
 finalizer waits for its in-flight instances, aggregates, writes SEG/SR, records the run and its
-results in the ledger and queues their deliveries (:mod:`edge.pipeline.series_results`).
+results in the ledger and queues their deliveries (:mod:`edge.pipeline.series_results`). Each
+result is published on :attr:`Orchestrator.feed` when written and when delivered (or dead).
+:meth:`Orchestrator.submit_instance` takes a Part 10 file through the listener's durable path
+(validate, spool with fsync, ledger, queue) for the gRPC submission.
 
 Crash safety. An instance stays ``received`` in the ledger until its series' results are queued
 for delivery (or a reason why it has none is recorded), so :meth:`Orchestrator.start` resumes
 everything :meth:`Ledger.unfinished` lists. Per-slice outputs on disk are reused, and a
-pipeline's ``done.json`` stops a second queueing of the same results.
+pipeline's series-level run, ``done`` in the ledger with the fingerprint of its models and
+instances, stops a second queueing of the same results (the state is set after the deliveries
+are queued). Per-slice outputs are pruned once every delivery of the series is done or dead;
+:meth:`Orchestrator.maintain` (every ``maintenance_interval_s``) applies the spool's retention
+and prunes what a crash left.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,16 +49,28 @@ from edge.core.types import InferenceRequest, InferenceResponse
 from edge.dispatch.destination import Destination
 from edge.dispatch.worker import DeliveryWorker
 from edge.ingest import AssociationClosed, ReceivedInstance
-from edge.jobs.ledger import DeliveryUpdate, InstanceState, Ledger, RunState, SeriesState
+from edge.ingest.listener import file_meta
+from edge.ingest.part10 import read_part10
+from edge.ingest.spool import Spool
+from edge.ingest.statuses import Status, failure_status
+from edge.jobs import queries
+from edge.jobs.ledger import (
+    DeliveryState,
+    DeliveryUpdate,
+    InstanceState,
+    Ledger,
+    RunState,
+    SeriesState,
+    cleanup,
+)
+from edge.pipeline.events import ResultEvent, ResultFeed, ResultState
 from edge.pipeline.metrics import PipelineMetrics
 from edge.pipeline.series_results import (
     ModelRun,
     PipelineResults,
     SourceInstance,
-    already_done,
     build_pipeline_results,
     fingerprint,
-    mark_done,
 )
 from edge.pipeline.slices import SliceStore, slice_output
 from edge.pipeline.tracker import Completion, SeriesTracker
@@ -66,6 +86,20 @@ from edge.scheduler.model import ServedModel
 
 LOG = logging.getLogger(__name__)
 _QUEUE_FULL_BACKOFF_S = 0.01
+#: How often :meth:`Orchestrator.maintain` runs (retention of the spool, slice pruning).
+MAINTENANCE_INTERVAL_S = 300.0
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    """The answer to one submitted Part 10 file: a C-STORE status (PS3.4 B.2.3)."""
+
+    sop_instance_uid: str  # "" when it could not be read
+    series_instance_uid: str
+    study_instance_uid: str
+    status: int
+    message: str = ""
+    duplicate: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,12 +145,9 @@ class PipelineRecorder:
         """Raises: OutOfResourcesError, LedgerError (from the ledger; nothing is queued)."""
         new = self._ledger.record_instance(instance)
         ident = instance.identity
-        # The C-STORE Priority is not part of ReceivedInstance yet (docs/pipeline.md, open
-        # questions); MEDIUM until ingest passes it.
-        priority = int(getattr(instance, "priority", DimsePriority.MEDIUM))
         self._orchestrator.received(InstanceTask(
             ident.sop_instance_uid, ident.series_instance_uid, instance.path,
-            instance.calling_ae, instance.received_at, priority), new)
+            instance.calling_ae, instance.received_at, instance.priority), new)
         return new
 
 
@@ -126,7 +157,8 @@ class Orchestrator:
 
     def __init__(self, settings: Settings, ledger: Ledger, manager: ModelManager,
                  delivery: DeliveryWorker | None = None, metrics: PipelineMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 maintenance_interval_s: float = MAINTENANCE_INTERVAL_S) -> None:
         """Raises: ConfigError (a default destination is not AET@HOST:PORT)."""
         cfg = settings.pipeline
         self.settings = settings
@@ -148,6 +180,14 @@ class Orchestrator:
         self._pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="pipeline")
         self._finalizer = ThreadPoolExecutor(1, thread_name_prefix="series-finalize")
         self._timer: threading.Thread | None = None
+        self.feed = ResultFeed()
+        self.spool: Spool | None = None
+        self._maintenance_interval_s = maintenance_interval_s
+        self._maintenance: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._events_lock = threading.Lock()
+        self._awaiting: dict[int, ResultEvent] = {}  # delivery id -> its result's event
+        self._open_deliveries: dict[str, set[int]] = {}  # series -> deliveries not finished
 
     @property
     def recorder(self) -> PipelineRecorder:
@@ -155,9 +195,11 @@ class Orchestrator:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self) -> int:
+    def start(self, spool: Spool | None = None) -> int:
         """Start the completion timer and resume what the ledger lists as unfinished; return
-        the number of instances resumed.
+        the number of instances resumed. With the listener's ``spool`` (reconciled first, see
+        :func:`edge.jobs.reconcile.reconcile`), :meth:`submit_instance` works and the periodic
+        :meth:`maintain` runs.
 
         Raises:
             RuntimeError: already started.
@@ -165,8 +207,13 @@ class Orchestrator:
         """
         if self._timer is not None:
             raise RuntimeError("Orchestrator already started")
+        self.spool = spool
         self._timer = threading.Thread(target=self._timer_loop, name="series-timer", daemon=True)
         self._timer.start()
+        if spool is not None:
+            self._maintenance = threading.Thread(target=self._maintenance_loop,
+                                                 name="pipeline-maintenance", daemon=True)
+            self._maintenance.start()
         unfinished = self.ledger.unfinished()
         for record in unfinished:
             ident = record.identity
@@ -190,8 +237,11 @@ class Orchestrator:
                                 timeout=max(0.0, deadline - time.monotonic()))
             self._stopping = True
             self._cond.notify_all()
+        self._stopped.set()
         if self._timer is not None:
             self._timer.join(timeout=5)
+        if self._maintenance is not None:
+            self._maintenance.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         # the series being finished completes (bounded); the queued ones resume at next start
         self._finalizer.shutdown(wait=True, cancel_futures=True)
@@ -236,8 +286,110 @@ class Orchestrator:
             self._cond.notify_all()
 
     def delivery_outcome(self, update: DeliveryUpdate) -> None:
-        """The delivery worker's callback (metrics)."""
+        """The delivery worker's callback: metrics, the result feed, slice pruning. Never
+        raises (the worker's contract)."""
         self.metrics.delivery_outcome(update.delivery_id, str(update.state.value))
+        if update.state not in (DeliveryState.DONE, DeliveryState.DEAD):
+            return
+        with self._events_lock:  # held by _record_results while it enqueues and registers
+            event = self._awaiting.pop(update.delivery_id, None)
+            if event is None:
+                return  # queued before this start: nobody can be watching it
+            waiting = self._open_deliveries.get(event.series_instance_uid, set())
+            waiting.discard(update.delivery_id)
+            finished = not waiting
+            if finished:
+                self._open_deliveries.pop(event.series_instance_uid, None)
+        delivered = update.state is DeliveryState.DONE
+        self.feed.publish(ResultEvent(
+            event.study_instance_uid, event.series_instance_uid, event.model, event.version,
+            event.kind, event.sop_instance_uid,
+            ResultState.DELIVERED if delivered else ResultState.DEAD, event.destination,
+            event.probability, event.positive, event.volumes_ml, update.error or ""))
+        if finished:
+            self.prune_slices(event.series_instance_uid)
+
+    # -- submission (gRPC) and maintenance ------------------------------------------------------
+
+    def submit_instance(self, data: bytes | memoryview, calling_ae: str,
+                        priority: int = DimsePriority.MEDIUM) -> SubmitOutcome:
+        """Take one Part 10 file through the C-STORE path: validate, spool (fsync), record in
+        the ledger, queue. A success is only returned once the file is durable and recorded.
+        Failures are returned as the C-STORE status the listener would send, with a message.
+
+        Raises:
+            RuntimeError: not started with a spool (the DICOM path is not running).
+        """
+        spool = self.spool
+        if spool is None:
+            raise RuntimeError("the DICOM path is not running (no spool)")
+        uid = series = study = ""
+        try:
+            part = read_part10(data)
+            ident = part.identity
+            uid, series, study = (ident.sop_instance_uid, ident.series_instance_uid,
+                                  ident.study_instance_uid)
+            stored = spool.store(ident, file_meta(ident, calling_ae),
+                                 memoryview(data)[part.dataset_offset:])
+            new = self.recorder.record_instance(ReceivedInstance(
+                ident, stored.path, stored.size, calling_ae, time.time(), priority))
+        except Exception as exc:  # every failure becomes a status, in edge.ingest.statuses
+            status = failure_status(exc, calling_ae, uid)
+            return SubmitOutcome(uid, series, study, int(status), str(exc) or type(exc).__name__)
+        return SubmitOutcome(uid, series, study, int(Status.SUCCESS),
+                             "" if new else "already received", duplicate=not new)
+
+    def prune_slices(self, series_instance_uid: str) -> bool:
+        """Remove the series' per-slice outputs unless the series is being worked on; True if
+        removed. They are only needed again if the series gains instances (then every slice
+        is inferred again)."""
+        with self._cond:
+            if series_instance_uid in self._series:
+                return False
+        folder = self.store.root / series_instance_uid / "slices"
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            LOG.warning("series %s: cannot prune slice outputs: %s", series_instance_uid, exc)
+            return False
+        return True
+
+    def maintain(self) -> None:
+        """One maintenance pass: the spool's retention (:func:`edge.jobs.ledger.cleanup` with
+        ``spool.retention_*``), then prune slice outputs of finished series whose deliveries
+        are all done or dead (left by a crash before the last outcome).
+
+        Raises: OutOfResourcesError, LedgerError.
+        """
+        cfg = self.settings.spool
+        if self.spool is not None:
+            report = cleanup(self.spool, self.ledger, cfg.retention_max_age_s,
+                             cfg.retention_min_free_bytes)
+            if report.removed:
+                LOG.info("retention: removed %d instances (%d bytes)", report.removed,
+                         report.freed_bytes)
+        for folder in self.store.root.glob("*/slices"):
+            uid = folder.parent.name
+            with self._events_lock:
+                waiting = uid in self._open_deliveries
+            if waiting:
+                continue
+            try:
+                record = queries.series(self.ledger, uid)
+            except queries.SeriesNotFoundError:
+                continue
+            if record.state in (SeriesState.DONE, SeriesState.FAILED) and \
+                    not queries.open_deliveries(self.ledger, uid):
+                self.prune_slices(uid)
+
+    def _maintenance_loop(self) -> None:
+        while not self._stopped.wait(self._maintenance_interval_s):
+            try:
+                self.maintain()
+            except MededgeError:  # a busy or full ledger: try again at the next pass
+                LOG.exception("maintenance pass failed")
 
     # -- per instance (worker pool) -----------------------------------------------------------
 
@@ -269,7 +421,7 @@ class Orchestrator:
         run = self.ledger.create_run(task.series_instance_uid,
                                      "failed" if failed else "skipped", "",
                                      task.sop_instance_uid)
-        self.ledger.set_run_state(run, RunState.FAILED if failed else RunState.DONE, reason)
+        self.ledger.set_run_state(run, RunState.FAILED if failed else RunState.SKIPPED, reason)
         self.ledger.set_instance_state(task.sop_instance_uid, InstanceState.DONE)
 
     def _process_instance(self, task: InstanceTask) -> str:
@@ -478,8 +630,9 @@ class Orchestrator:
             covered = [s for s in sources if any(
                 self.store.has(uid, r.model, s.sop_instance_uid, len(s.frames)) for r in runs)]
             folder = self.results_dir / uid / pipeline.name
-            if not covered or already_done(
-                    folder, fingerprint(runs, [s.sop_instance_uid for s in covered])):
+            if not covered or queries.pipeline_done(
+                    self.ledger, uid, pipeline.name,
+                    fingerprint(runs, [s.sop_instance_uid for s in covered])):
                 continue
 
             def model_failed(run: ModelRun, exc: Exception, name: str = pipeline.name) -> None:
@@ -492,36 +645,52 @@ class Orchestrator:
 
             results = build_pipeline_results(folder, self.store, uid, pipeline, runs, covered,
                                              model_failed)
-            self._record_results(uid, results, last_received_at)
-            mark_done(folder, results.fingerprint, results.instances)
+            self._record_results(uid, records[0].identity.study_instance_uid, results,
+                                 last_received_at)
         for record in records:
             if record.state is not InstanceState.DONE:
                 self.ledger.set_instance_state(record.identity.sop_instance_uid,
                                                InstanceState.DONE)
         self.ledger.set_series_state(uid, SeriesState.FAILED if failed else SeriesState.DONE)
 
-    def _record_results(self, uid: str, results: PipelineResults,
+    def _record_results(self, uid: str, study: str, results: PipelineResults,
                         last_received_at: float) -> None:
-        """Record the run and its results, and queue each for every destination.
+        """Record the run (with the results' fingerprint) and its results, queue each for every
+        destination, publish them; the run becomes ``done`` last, which is what makes
+        finishing the same instances again a no-op (:func:`edge.jobs.queries.pipeline_done`).
 
         Raises: OutOfResourcesError, LedgerError, ConfigError.
         """
-        if not results.files:
-            return
         pipeline = results.pipeline
         models = ",".join(dict.fromkeys(str(f.model) for f in results.files))
-        run_id = self.ledger.create_run(uid, pipeline.name, models)
-        for result in results.files:
-            result_id = self.ledger.add_result(run_id, result.kind, result.path,
-                                               result.sop_instance_uid)
-            self.metrics.results_written.labels(result.kind).inc()
-            if self.delivery is None:
-                continue
-            for text in pipeline.destinations:
-                delivery_id = self.delivery.enqueue(result_id, result.path,
-                                                    Destination.parse(text))
-                self.metrics.delivery_queued(delivery_id, last_received_at, result.kind)
-        if not pipeline.destinations:
+        run_id = self.ledger.create_run(uid, pipeline.name, models or "-",
+                                        fingerprint=results.fingerprint)
+        events = []
+        with self._events_lock:  # an outcome waits until its delivery is registered here
+            for result in results.files:
+                result_id = self.ledger.add_result(run_id, result.kind, result.path,
+                                                   result.sop_instance_uid)
+                self.metrics.results_written.labels(result.kind).inc()
+                event = ResultEvent(study, uid, result.model.name, result.model.version,
+                                    result.kind, result.sop_instance_uid, ResultState.WRITTEN,
+                                    probability=result.probability, positive=result.positive,
+                                    volumes_ml=dict(result.volumes_ml))
+                events.append(event)
+                if self.delivery is None:
+                    continue
+                for text in pipeline.destinations:
+                    delivery_id = self.delivery.enqueue(result_id, result.path,
+                                                        Destination.parse(text))
+                    self.metrics.delivery_queued(delivery_id, last_received_at, result.kind)
+                    self._awaiting[delivery_id] = ResultEvent(
+                        study, uid, event.model, event.version, event.kind,
+                        event.sop_instance_uid, ResultState.WRITTEN, text, event.probability,
+                        event.positive, event.volumes_ml)
+                    self._open_deliveries.setdefault(uid, set()).add(delivery_id)
+        if results.files and not pipeline.destinations:
             LOG.warning("series %s: no destination configured; results kept in %s", uid,
                         self.results_dir / uid)
-        self.ledger.set_run_state(run_id, RunState.DONE)
+        self.ledger.set_run_state(run_id, RunState.DONE,
+                                  None if results.files else "no result objects written")
+        for event in events:
+            self.feed.publish(event)

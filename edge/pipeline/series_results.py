@@ -63,6 +63,9 @@ class ResultFile:
     model: ModelId
     path: Path
     sop_instance_uid: str
+    probability: float | None = None  # the series classification the SR reports, if any
+    positive: bool | None = None
+    volumes_ml: tuple[tuple[str, float], ...] = ()  # per segment label
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,8 @@ def build_pipeline_results(folder: Path, store: SliceStore, series: str, pipelin
         if "seg" in pipeline.outputs:
             path = folder / f"seg-{run.model.name}-v{run.model.version}.dcm"
             write_dataset(obj, path)
-            files.append(ResultFile("seg", run.model, path, str(obj.SOPInstanceUID)))
+            files.append(ResultFile("seg", run.model, path, str(obj.SOPInstanceUID),
+                                    volumes_ml=tuple(seg.volumes_ml.items())))
     if "sr" in pipeline.outputs:
         reports: list[tuple[ModelRun, tuple[SeriesSegmentation, Dataset] | None,
                             SeriesClassification | None]] = []
@@ -257,6 +261,9 @@ def build_pipeline_results(folder: Path, store: SliceStore, series: str, pipelin
                 continue
             path = folder / f"sr-{owner.model.name}-v{owner.model.version}.dcm"
             write_dataset(report, path)
-            files.append(ResultFile("sr", owner.model, path, str(report.SOPInstanceUID)))
+            files.append(ResultFile(
+                "sr", owner.model, path, str(report.SOPInstanceUID),
+                cls_arg.probability if cls_arg else None, cls_arg.positive if cls_arg else None,
+                tuple(seg_arg[0].volumes_ml.items()) if seg_arg else ()))
     covered = tuple(s.sop_instance_uid for s in sources)
     return PipelineResults(pipeline, tuple(files), covered, fingerprint(runs, covered))

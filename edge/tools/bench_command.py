@@ -3,6 +3,8 @@
 ``mededge bench serve --work DIR``: serving overhead of mededge vs raw ONNX Runtime vs Triton.
 ``mededge bench dicom --work DIR``: durable DICOM receive vs storescp, Orthanc, bare pynetdicom.
 ``mededge bench convert --work DIR``: INT8 vs FP32 on this CPU (speed-up and metric drop).
+``mededge bench ttr --work DIR`` (or ``bench dicom --ttr``): time from the last C-STORE response
+to the SEG at the PACS, against the last slice's compute.
 """
 
 from __future__ import annotations
@@ -37,11 +39,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated: storescp, orthanc, pynetdicom, mededge")
     dicom.add_argument("--streams", default="1,4",
                        help="comma-separated numbers of parallel associations")
+    dicom.add_argument("--ttr", action="store_true",
+                       help="run the time-to-result bench instead (see `bench ttr`)")
+    ttr = sub.add_parser("ttr", help="time to result: last C-STORE response -> SEG at the PACS")
+    _ttr_arguments(ttr)
     _convert_arguments(sub.add_parser(
         "convert", help="INT8 vs FP32 on ONNX Runtime CPU: throughput ratio and metric drop"))
 
 
+def _ttr_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", type=Path, default=Path("work/bench-ttr"),
+                        help="folder for the models, the series, the table and the JSON")
+    parser.add_argument("--series", type=int, default=10, help="series pushed (K)")
+    parser.add_argument("--slices", type=int, default=100, help="slices per series")
+    parser.add_argument("--size", type=int, default=512, help="rows and columns")
+    parser.add_argument("--quiet-period", type=float, default=None,
+                        help="pipeline.quiet_period_s of the service (default: its default)")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "ttr" or (args.bench == "dicom" and args.ttr):
+        from edge.tools import bench_ttr
+
+        work = args.work if args.bench == "ttr" else args.work / "ttr"
+        series = getattr(args, "series", 10)
+        slices = getattr(args, "slices", 100)
+        return bench_ttr.main(work, series, slices, args.size,
+                              getattr(args, "quiet_period", None))
     if args.bench == "dicom":
         return _run_dicom(args)
     if args.bench == "convert":
