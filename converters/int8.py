@@ -32,6 +32,9 @@ INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearM
                 "QLinearSigmoid", "QLinearLeakyRelu", "ConvInteger", "MatMulInteger",
                 "DynamicQuantizeLinear")
 
+#: Float ops that should have become integer kernels; left over means a QDQ group was not fused.
+FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "MatMul", "Gemm", "FusedGemm", "Concat")
+
 
 @dataclass(frozen=True)
 class Int8Options:
@@ -158,7 +161,5 @@ def cpu_int8_kernels(path: Path, exclude: Sequence[str] = ()) -> dict[str, int]:
             raise ExportError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
         ops = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     kernels = {op: n for op, n in sorted(ops.items()) if op in INT8_KERNELS and op not in exclude}
-    kernels["float_ops_left"] = sum(n for op, n in ops.items()
-                                    if op in ("Conv", "FusedConv", "ConvTranspose", "MatMul", "Gemm",
-                                              "FusedGemm", "Concat"))
+    kernels["float_ops_left"] = sum(n for op, n in ops.items() if op in FLOAT_OPS)
     return kernels

@@ -407,10 +407,9 @@ class EngineBuilds:
 
     def _build(self, onnx_path: Path, wish: EngineWish, key: EngineKey, target: Path,
                on_ready: Callable[[], None]) -> None:
-        builder = self._builder
-        if builder is None:
-            from edge.backends.tensorrt_build import build_engine as builder
-        from edge.backends.tensorrt_build import BuildSpec
+        from edge.backends.tensorrt_build import BuildSpec, build_engine
+
+        builder = self._builder or build_engine
 
         spec = BuildSpec(wish.precision, wish.profiles, wish.workspace_mb, wish.dla_core,
                          timing_cache=target.parents[2] / "timing.cache")

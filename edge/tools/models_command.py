@@ -62,7 +62,7 @@ def describe_repository(repo: Path) -> list[str]:
             lines.append(f"{model_dir.name}:{version}  {config.platform or config.backend}  "
                          f"{task}  {precision}  {metrics}".rstrip())
             gate = record.report.get("gate") if record else None
-            if isinstance(gate, dict) and "metric" in gate:
+            if record is not None and isinstance(gate, dict) and "metric" in gate:
                 lines.append(_gate_line(gate, record.report.get("conversion") or {}))
     return lines
 
