@@ -166,9 +166,11 @@ def convert(args: argparse.Namespace, work: Path) -> int:
     files, precision, details, cal_fp, candidate = _convert(args, source, work)
     run, close = _candidate_runner(args, candidate, source)
     try:
+        batch = args.batch_size if args.to != "tensorrt" else \
+            min(args.batch_size, args.max_batch or max(1, source.config.max_batch_size))
         report = evaluate_gate(source.sidecar.task, source.sidecar.labels,
                                onnx_runner(str(_fp32_reference(source))), run, held_out,
-                               args.tolerance, args.batch_size)
+                               args.tolerance, batch)
     finally:
         close()
     what = f"{args.model}:{source.version} -> {args.to} ({precision})"
