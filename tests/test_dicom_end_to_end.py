@@ -173,9 +173,29 @@ def test_series_pushed_with_storescu_comes_back_as_seg_and_sr(work: Path, pacs: 
         assert 'mededge_series_completed_total{reason="released"} 1.0' in metrics
         assert 'mededge_deliveries_total{outcome="done"} 2.0' in metrics
         assert 'mededge_time_to_result_seconds_count{kind="seg"} 1.0' in metrics
+
+        job = _grpc_job(server.ports["grpc"], series_uid)  # mededge.v1.DicomJobs
+        assert job.state == "done" and job.instances_received == len(files)
+        assert sorted((d.kind, d.state, d.attempts) for d in job.deliveries) == [
+            ("seg", "done", 1), ("sr", "done", 1)]
+        slices = work / "data-e2e" / "results" / series_uid / "slices"
+        deadline = time.monotonic() + 10  # pruned once every delivery is done
+        while slices.exists():
+            assert time.monotonic() < deadline, "per-slice outputs were not pruned"
+            time.sleep(0.05)
     finally:
         server.stop()
     assert server.process.returncode == 0, server.log.read_text()[-3000:]
+
+
+def _grpc_job(port: int, series_uid: str):  # type: ignore[no-untyped-def]
+    import grpc
+
+    from edge.protos.mededge.v1 import jobs_pb2, jobs_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return jobs_pb2_grpc.DicomJobsStub(channel).GetJob(
+            jobs_pb2.GetJobRequest(series_instance_uid=series_uid), timeout=10)
 
 
 def _associate(port: int, contexts: list[tuple[str, list[str]]]):  # type: ignore[no-untyped-def]
