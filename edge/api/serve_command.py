@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.core.config import Settings, load_settings
+from edge.core.durable import write_atomically
 from edge.core.errors import ConfigError, MededgeError
 
 log = logging.getLogger(__name__)
@@ -104,13 +105,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"mededge serve: {exc}", file=sys.stderr)
         server.stop(0)
         return 2
+    # the file first: whoever waits for the printed lines may read it at once
+    if args.ports_file is not None:
+        write_atomically(args.ports_file, json.dumps(
+            {"host": ports.host, "grpc": ports.grpc, "http": ports.http, "dicom": ports.dicom}))
     print(f"mededge: grpc listening on {ports.host}:{ports.grpc}", flush=True)
     print(f"mededge: http listening on {ports.host}:{ports.http}", flush=True)
     if ports.dicom is not None:
         print(f"mededge: dicom listening on {ports.host}:{ports.dicom}", flush=True)
-    if args.ports_file is not None:
-        args.ports_file.write_text(json.dumps(
-            {"host": ports.host, "grpc": ports.grpc, "http": ports.http, "dicom": ports.dicom}))
     while not stop.wait(1.0):
         pass
     server.stop()

@@ -20,13 +20,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edge.core.durable import fsync_dir, write_atomically
 from edge.core.errors import RepositoryError
 from edge.repository.model_config import CONFIG_NAME, ModelConfig, format_model_config
 from edge.repository.sidecar import (
     Sidecar,
     VersionRecord,
     read_sidecar,
-    write_atomically,
     write_sidecar,
 )
 
@@ -47,14 +47,6 @@ def existing_versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def publish_version(repo: Path, name: str, artifacts: Mapping[str, Path], config: ModelConfig,
@@ -94,7 +86,7 @@ def publish_version(repo: Path, name: str, artifacts: Mapping[str, Path], config
             with open(target, "rb") as fh:
                 os.fsync(fh.fileno())
             hashes[rel] = sha256_file(target)
-        _fsync_dir(staging)
+        fsync_dir(staging)
 
         previous = read_sidecar(model_dir)
         versions = dict(previous.versions) if previous else {}
@@ -109,7 +101,7 @@ def publish_version(repo: Path, name: str, artifacts: Mapping[str, Path], config
         write_sidecar(model_dir, replace(sidecar, versions=versions))
 
         os.rename(staging, model_dir / str(number))
-        _fsync_dir(model_dir)
+        fsync_dir(model_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -8,8 +8,6 @@ A repository written for Triton alone has no sidecar; every reader must cope wit
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from edge.core.durable import write_atomically
 from edge.core.errors import RepositoryError
 from edge.core.types import Task
 from edge.preprocess.imaging import PreprocessSpec
@@ -122,26 +121,6 @@ def read_sidecar(model_dir: Path) -> Sidecar | None:
     if not isinstance(data, dict):
         raise RepositoryError(f"{path}: top level must be a mapping")
     return Sidecar.from_dict(data, str(path))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def write_sidecar(model_dir: Path, sidecar: Sidecar) -> None:

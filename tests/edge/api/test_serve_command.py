@@ -23,7 +23,7 @@ def _start(repo: Path, data_dir: Path, ports_file: Path) -> tuple[subprocess.Pop
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge.cli", "serve", "--model-repository", str(repo),
          "--data-dir", str(data_dir), "--bind", "127.0.0.1", "--grpc-port", "0",
-         "--http-port", "0", "--ports-file", str(ports_file),
+         "--http-port", "0", "--dicom-port", "0", "--ports-file", str(ports_file),
          "--destination", "PACS@127.0.0.1:11113"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ports: dict[str, int] = {}
