@@ -99,16 +99,13 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray,
     input_name = _input_name(source)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
+        # ONNX shape inference is complete for these CNNs; ONNX Runtime's symbolic shape
+        # inference (meant for transformers) dumps a temporary model into the working
+        # directory whenever it cannot finish, so it is skipped.
         try:
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         except Exception as exc:  # shape inference and the optimiser raise many types
-            log.warning("quant_pre_process with symbolic shapes failed (%s); retrying without",
-                        exc)
-            try:
-                quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            except Exception as exc2:
-                raise ExportError(f"{source}: quantisation pre-processing failed: {exc2}") \
-                    from exc2
+            raise ExportError(f"{source}: quantisation pre-processing failed: {exc}") from exc
         extra: dict[str, object] = {"ActivationSymmetric": options.symmetric_activations,
                                     "CalibPercentile": options.percentile,
                                     "CalibTensorRangeSymmetric": options.symmetric_activations,
