@@ -18,12 +18,11 @@ from trainer.datasets import CLASSIFY_LABELS, SEGMENT_LABELS, SliceSet, load_dat
 
 log = logging.getLogger(__name__)
 
-#: Per task: (epochs, samples per epoch, batch size, learning rate, input size). Sized so each
-#: model trains in a few minutes on a 2-core CPU on `make demo` data. The classifier gets 256x256
-#: input (nodules are 1-5 pixels across at 128x128) and a 4x-down stem to pay for it.
+#: Per task: (epochs, samples per epoch, batch size, learning rate, input size, widths). Sized
+#: so each model trains in a few minutes on an idle 2-core CPU on `make demo` data.
 DEFAULTS = {
-    "classify": (12, 2048, 32, 2e-3, 256),
-    "segment": (12, 1024, 16, 3e-3, 128),
+    "classify": (16, 2048, 32, 2e-3, 128, "32,64"),
+    "segment": (12, 1024, 16, 3e-3, 128, "16,32,64,128"),
 }
 
 
@@ -41,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, help="input height = width (default per task)")
     parser.add_argument("--window-center", type=float, default=-600.0, help="HU")
     parser.add_argument("--window-width", type=float, default=1500.0, help="HU")
-    parser.add_argument("--widths", default="16,32,64,128", help="channels per level")
+    parser.add_argument("--widths", help="channels per stage/level (default per task)")
     parser.add_argument("--labels-csv", type=Path, help="label CSV of a DICOM folder")
     parser.add_argument("--label-column", default=None,
                         help="CSV label column (default: label, or nodule_present)")
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.loop import ClassifyHooks, SegmentHooks, TrainConfig, seed_everything, train
     from trainer.models import ModelSpec, build_model
 
-    epochs, samples, batch, lr, size = DEFAULTS[args.task]
+    epochs, samples, batch, lr, size, widths = DEFAULTS[args.task]
     ctx = distributed.setup(args.device)
     try:
         seed_everything(args.seed)
@@ -117,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         train_set, val_set = data.subset("train"), data.subset("val")
         labels = labels_for(args.task)
         mspec = ModelSpec(task=args.task, num_classes=len(labels),
-                          widths=tuple(int(w) for w in args.widths.split(",")))
+                          widths=tuple(int(w) for w in (args.widths or widths).split(",")))
         work_dir = args.work_dir or args.repo.resolve().parent / "runs" / args.model
         cfg = TrainConfig(
             epochs=args.epochs or epochs, batch_size=args.batch_size or batch,

@@ -56,29 +56,49 @@ class TaskHooks(Protocol):
     primary_metric: str
 
     def sample_weights(self, data: SliceSet) -> np.ndarray: ...
-    def targets(self, data: SliceSet, idx: np.ndarray) -> torch.Tensor: ...
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+    def targets(self, data: SliceSet, idx: np.ndarray
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
+    def loss(self, output: Any, label: torch.Tensor | None,
+             mask: torch.Tensor | None) -> torch.Tensor: ...
     def evaluate(self, probs: np.ndarray, data: SliceSet) -> dict[str, float]: ...
 
 
 class ClassifyHooks:
-    """Slice classification: balanced sampling, cross-entropy, AUC on validation."""
+    """Slice classification: balanced sampling, cross-entropy on the slice label plus, where
+    nodule masks exist, a dense BCE on the classifier's evidence map; AUC on validation."""
 
     primary_metric = "auc"
 
-    def __init__(self, threshold: float = 0.5) -> None:
+    def __init__(self, threshold: float = 0.5, nodule_class: int = 2,
+                 dense_weight: float = 1.0) -> None:
         self.threshold = threshold
+        self.nodule_class, self.dense_weight = nodule_class, dense_weight
         self._ce = torch.nn.CrossEntropyLoss()
 
     def sample_weights(self, data: SliceSet) -> np.ndarray:
         counts = np.bincount(data.labels, minlength=2).astype(np.float64)
         return 1.0 / np.maximum(counts, 1)[data.labels]
 
-    def targets(self, data: SliceSet, idx: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(data.labels[idx])
+    def targets(self, data: SliceSet, idx: np.ndarray
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        masks = None if data.masks is None else torch.from_numpy(data.masks[idx])
+        return torch.from_numpy(data.labels[idx]), masks
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._ce(logits.float(), target)
+    def loss(self, output: Any, label: torch.Tensor | None,
+             mask: torch.Tensor | None) -> torch.Tensor:
+        assert label is not None
+        logits, dense = output if isinstance(output, tuple) else (output, None)
+        loss = self._ce(logits.float(), label)
+        if dense is None or mask is None or self.dense_weight == 0:
+            return loss
+        known = ~(mask == IGNORE).flatten(1).any(dim=1)  # slices with a real reference
+        if not bool(known.any()):
+            return loss
+        target = (mask[known] == self.nodule_class).float()[:, None]
+        target = torch.nn.functional.adaptive_max_pool2d(target, dense.shape[-2:])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            dense[known].float(), target, pos_weight=torch.tensor(10.0, device=dense.device))
+        return loss + self.dense_weight * bce
 
     def evaluate(self, probs: np.ndarray, data: SliceSet) -> dict[str, float]:
         m = classification_metrics(data.labels, probs[:, 1], self.threshold).as_dict()
@@ -107,12 +127,15 @@ class SegmentHooks:
         w_neg = (1 - self.nodule_share) / (len(data) - n_pos)
         return np.where(has_nodule, w_pos, w_neg)
 
-    def targets(self, data: SliceSet, idx: np.ndarray) -> torch.Tensor:
+    def targets(self, data: SliceSet, idx: np.ndarray
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         assert data.masks is not None
-        return torch.from_numpy(data.masks[idx].astype(np.int64))
+        return None, torch.from_numpy(data.masks[idx].astype(np.int64))
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._loss(logits.float(), target[:, None])
+    def loss(self, output: Any, label: torch.Tensor | None,
+             mask: torch.Tensor | None) -> torch.Tensor:
+        assert mask is not None
+        return self._loss(output.float(), mask[:, None])
 
     def evaluate(self, probs: np.ndarray, data: SliceSet) -> dict[str, float]:
         assert data.masks is not None
@@ -224,11 +247,12 @@ def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set
         for start in bar:
             idx = order[start:start + cfg.batch_size]
             x = torch.from_numpy(train_set.images[idx]).to(device)
-            y = hooks.targets(train_set, idx).to(device)
-            x, y_aug = augment_batch(x, y if y.ndim == 3 else None, cfg.augment, gen)
-            y = y_aug if y_aug is not None else y
+            label, mask = hooks.targets(train_set, idx)
+            label = None if label is None else label.to(device)
+            x, mask = augment_batch(x, None if mask is None else mask.to(device), cfg.augment,
+                                    gen)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss = hooks.loss(net(x), y)
+                loss = hooks.loss(net(x), label, mask)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -38,18 +38,60 @@ class ModelSpec:
                    stem_pool=bool(data.get("stem_pool", True)))
 
 
+class NoduleClassifier(torch.nn.Module):
+    """A ResNet trunk (MONAI ResNet's stem and one stage per entry of ``widths``) with a dense
+    nodule-evidence head, pooled by maximum into a slice decision.
+
+    ``dense(x)`` is a per-location nodule logit map (stride 4 * 2**(stages - 1)); the slice's
+    positive-class logit is its maximum, the negative-class logit 0, so softmax of the output
+    equals sigmoid of the strongest local evidence. Training can supervise the map with nodule
+    masks where they exist (far more signal than one label per slice: a 2D slice label alone
+    lets a deep network memorise each study's anatomy) and falls back to the slice label only.
+    In training mode ``forward`` returns ``(logits, dense)``, in eval mode ``logits``.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        n = len(spec.widths)
+        if not 1 <= n <= 4:
+            raise ValueError(f"classifier: 1 to 4 stages, got widths {spec.widths}")
+        # MONAI's ResNet always builds four stages; the trunk keeps the first ``n``.
+        widths = list(spec.widths) + [spec.widths[-1]] * (4 - n)
+        layers = (list(spec.layers) + [1] * 4)[:4]
+        net = MonaiResNet(
+            block="basic", layers=layers, block_inplanes=widths, spatial_dims=2,
+            n_input_channels=1, conv1_t_size=3, conv1_t_stride=spec.stem_stride,
+            no_max_pool=not spec.stem_pool, num_classes=2)
+        stages = [net.layer1, net.layer2, net.layer3, net.layer4][:n]
+        self.trunk = torch.nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool, *stages)
+        width = spec.widths[-1]
+        self.head = torch.nn.Sequential(
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.BatchNorm2d(width),
+            torch.nn.ReLU(inplace=True), torch.nn.Conv2d(width, 1, 1))
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        dense = self.dense(x)
+        positive = torch.amax(dense, dim=(2, 3))
+        logits = torch.cat([torch.zeros_like(positive), positive], dim=1)
+        return (logits, dense) if self.training else logits
+
+
 def build_classifier(spec: ModelSpec) -> torch.nn.Module:
-    """A ResNet of basic blocks, 2D, one input channel.
+    """The slice classifier (:class:`NoduleClassifier`); binary only.
 
     The stem is a 3x3 stride-2 convolution followed by 3x3 max-pooling: 4x down before the
-    first block, as in the usual ResNet, which keeps a 2-core CPU budget at 256x256 input. A
-    3x3 kernel (not 7x7) and max-pooling keep small bright blobs: nodules are only a few pixels
-    across, and max-pooling passes a one-pixel response where averaging would dilute it.
+    first block, which keeps a 2-core CPU budget at 256x256 input. A 3x3 kernel (not 7x7) and
+    max-pooling keep small bright blobs: nodules are only a few pixels across.
+
+    Raises:
+        ValueError: ``num_classes`` is not 2.
     """
-    return MonaiResNet(
-        block="basic", layers=list(spec.layers), block_inplanes=list(spec.widths),
-        spatial_dims=2, n_input_channels=1, conv1_t_size=3, conv1_t_stride=spec.stem_stride,
-        no_max_pool=not spec.stem_pool, num_classes=spec.num_classes)
+    if spec.num_classes != 2:
+        raise ValueError("the nodule classifier is binary (num_classes=2)")
+    return NoduleClassifier(spec)
 
 
 def build_segmenter(spec: ModelSpec) -> torch.nn.Module:

@@ -122,3 +122,15 @@ def test_user_dicom_folder_with_corrupt_file_trains(synth: Path, tmp_path: Path)
     summary = json.loads((tmp_path / "runs" / "u" / "report" / "metrics.json").read_text())
     assert summary["load_summary"]["skipped"] == 1
     assert summary["load_summary"]["skipped_files"][0]["path"] == rows[0]["file"]
+
+
+def test_same_seed_same_weights(synth: Path, tmp_path: Path) -> None:
+    states = []
+    for run in ("a", "b"):
+        work = tmp_path / run
+        assert cli(["train", "segment", "--data", str(synth), "--repo", str(tmp_path / "m"),
+                    "--model", run, "--epochs", "1", "--seed", "3", "--work-dir", str(work),
+                    *TINY]) == 0
+        states.append(torch.load(work / "best.pt", weights_only=False)["state_dict"])
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
