@@ -1,117 +1,68 @@
-"""The orchestrator: streams each received instance through its models and finishes series.
+"""The orchestrator: wires intake, streaming inference, series completion and finalize.
 
-Flow. The listener records an instance (through :class:`PipelineRecorder`, which wraps the
-ledger) and the orchestrator queues it on a worker pool, off the association's thread. A worker
-reads the header, routes the series (once, cached), and for each 2D model that applies decodes,
-preprocesses and submits every frame to the scheduler (a C-STORE Priority of HIGH raises the
-request's priority), keeping each output in the :class:`~edge.pipeline.slices.SliceStore`.
-When the :class:`~edge.pipeline.tracker.SeriesTracker` says the series is complete, the
-finalizer waits for its in-flight instances, aggregates, writes SEG/SR, records the run and its
-results in the ledger and queues their deliveries (:mod:`edge.pipeline.series_results`). Each
-result is published on :attr:`Orchestrator.feed` when written and when delivered (or dead).
-:meth:`Orchestrator.submit_instance` takes a Part 10 file through the listener's durable path
-(validate, spool with fsync, ledger, queue) for the gRPC submission.
+Flow. The listener records an instance (through :class:`~edge.pipeline.intake.PipelineRecorder`,
+which wraps the ledger) and the orchestrator queues it on a worker pool, off the association's
+thread; a worker runs :class:`~edge.pipeline.streaming.InstanceProcessor` (route once per series,
+infer each frame, keep the outputs on disk and, restored to the source geometry, in the
+:class:`~edge.pipeline.accumulator.SeriesAccumulator`). When the
+:class:`~edge.pipeline.tracker.SeriesTracker` says the series is complete (expected count;
+release + a short grace when the frames form a gap-free stack; release + quiet period; max
+wait), the finalizer thread waits for its in-flight instances and runs
+:class:`~edge.pipeline.finalize.SeriesFinalizer` (SEG queued for delivery before the SR is
+built). Each result is published on :attr:`Orchestrator.feed` when written and when delivered
+(or dead). :meth:`Orchestrator.submit_instance` is the gRPC submission's way in.
 
 Crash safety. An instance stays ``received`` in the ledger until its series' results are queued
 for delivery (or a reason why it has none is recorded), so :meth:`Orchestrator.start` resumes
 everything :meth:`Ledger.unfinished` lists. Per-slice outputs on disk are reused, and a
 pipeline's series-level run, ``done`` in the ledger with the fingerprint of its models and
-instances, stops a second queueing of the same results (the state is set after the deliveries
-are queued). Per-slice outputs are pruned once every delivery of the series is done or dead;
-:meth:`Orchestrator.maintain` (every ``maintenance_interval_s``) applies the spool's retention
-and prunes what a crash left.
+instances, stops a second queueing of the same results. Per-slice outputs are pruned once every
+delivery of the series is done or dead; :meth:`Orchestrator.maintain` (every
+``maintenance_interval_s``) applies the spool's retention and prunes what a crash left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from edge.core.config import Settings
-from edge.core.errors import (
-    DataError,
-    MededgeError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-    QueueFullError,
-)
-from edge.core.types import InferenceRequest, InferenceResponse
+from edge.core.errors import MededgeError, ModelNotFoundError, ModelNotReadyError
 from edge.dispatch.destination import Destination
 from edge.dispatch.worker import DeliveryWorker
-from edge.ingest import AssociationClosed, ReceivedInstance
-from edge.ingest.listener import file_meta
-from edge.ingest.part10 import read_part10
+from edge.ingest import AssociationClosed
 from edge.ingest.spool import Spool
-from edge.ingest.statuses import Status, failure_status
-from edge.jobs import queries
-from edge.jobs.ledger import (
-    DeliveryState,
-    DeliveryUpdate,
-    InstanceState,
-    Ledger,
-    RunState,
-    SeriesState,
-    cleanup,
-)
+from edge.jobs.ledger import DeliveryState, DeliveryUpdate, Ledger
+from edge.pipeline.accumulator import SeriesAccumulator, contiguous_stack
+from edge.pipeline.deliveries import DeliveryBook
 from edge.pipeline.events import ResultEvent, ResultFeed, ResultState
+from edge.pipeline.finalize import SeriesFinalizer
+from edge.pipeline.intake import InstanceTask, PipelineRecorder, SubmitOutcome, submit_part10
+from edge.pipeline.maintenance import maintain, prune_slice_folder
 from edge.pipeline.metrics import PipelineMetrics
-from edge.pipeline.series_results import (
-    ModelRun,
-    PipelineResults,
-    SourceInstance,
-    build_pipeline_results,
-    fingerprint,
-)
-from edge.pipeline.slices import SliceStore, slice_output
+from edge.pipeline.slices import SliceStore
+from edge.pipeline.streaming import InstanceProcessor, record_reason, scheduler_priority
 from edge.pipeline.tracker import Completion, SeriesTracker
-from edge.postprocess.aggregate import threshold_for
-from edge.preprocess.dicom_pixels import decode
-from edge.preprocess.imaging import preprocess_image
-from edge.preprocess.volume import frame_geometries
 from edge.repository.sidecar import Applicability
 from edge.routing.rules import Routing, route
 from edge.routing.series import DimsePriority, SeriesInfo
 from edge.scheduler.manager import ModelManager, ModelState
-from edge.scheduler.model import ServedModel
 
 LOG = logging.getLogger(__name__)
-_QUEUE_FULL_BACKOFF_S = 0.01
 #: How often :meth:`Orchestrator.maintain` runs (retention of the spool, slice pruning).
 MAINTENANCE_INTERVAL_S = 300.0
+#: After a release, a series whose frames form a gap-free stack completes this long after its
+#: last instance (at most the quiet period): long enough for a sender that opens its next
+#: association at once, short against the quiet period a stack with gaps still waits.
+RELEASE_GRACE_S = 0.25
 
-
-@dataclass(frozen=True)
-class SubmitOutcome:
-    """The answer to one submitted Part 10 file: a C-STORE status (PS3.4 B.2.3)."""
-
-    sop_instance_uid: str  # "" when it could not be read
-    series_instance_uid: str
-    study_instance_uid: str
-    status: int
-    message: str = ""
-    duplicate: bool = False
-
-
-@dataclass(frozen=True)
-class InstanceTask:
-    """One acknowledged instance to process."""
-
-    sop_instance_uid: str
-    series_instance_uid: str
-    path: Path
-    calling_ae: str
-    received_at: float  # time.time()
-    priority: int = DimsePriority.MEDIUM  # the C-STORE request's Priority
+__all__ = ["MAINTENANCE_INTERVAL_S", "RELEASE_GRACE_S", "InstanceTask", "Orchestrator",
+           "PipelineRecorder", "SubmitOutcome", "scheduler_priority"]
 
 
 @dataclass
@@ -122,35 +73,6 @@ class _Series:
     last_received_at: float = 0.0  # time.time() of the newest instance
 
 
-def scheduler_priority(dimse: int, rule_priority: int, levels: int) -> int:
-    """The scheduler level (1 highest, 0 the model's default) for a slice request."""
-    if rule_priority:
-        return rule_priority
-    if dimse == DimsePriority.HIGH:
-        return 1
-    if dimse == DimsePriority.LOW and levels > 1:
-        return levels
-    return 0
-
-
-class PipelineRecorder:
-    """The listener's :class:`~edge.ingest.InstanceRecorder`: the ledger first, then the
-    orchestrator is told (non-blocking)."""
-
-    def __init__(self, ledger: Ledger, orchestrator: Orchestrator) -> None:
-        self._ledger = ledger
-        self._orchestrator = orchestrator
-
-    def record_instance(self, instance: ReceivedInstance) -> bool:
-        """Raises: OutOfResourcesError, LedgerError (from the ledger; nothing is queued)."""
-        new = self._ledger.record_instance(instance)
-        ident = instance.identity
-        self._orchestrator.received(InstanceTask(
-            ident.sop_instance_uid, ident.series_instance_uid, instance.path,
-            instance.calling_ae, instance.received_at, instance.priority), new)
-        return new
-
-
 class Orchestrator:
     """Drives the DICOM path. Thread-safe; :meth:`start` before the listener, :meth:`stop`
     after it."""
@@ -158,7 +80,8 @@ class Orchestrator:
     def __init__(self, settings: Settings, ledger: Ledger, manager: ModelManager,
                  delivery: DeliveryWorker | None = None, metrics: PipelineMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 maintenance_interval_s: float = MAINTENANCE_INTERVAL_S) -> None:
+                 maintenance_interval_s: float = MAINTENANCE_INTERVAL_S,
+                 release_grace_s: float = RELEASE_GRACE_S) -> None:
         """Raises: ConfigError (a default destination is not AET@HOST:PORT)."""
         cfg = settings.pipeline
         self.settings = settings
@@ -173,7 +96,7 @@ class Orchestrator:
             for text in rule.destinations:
                 Destination.parse(text)
         self._clock = clock
-        self._tracker = SeriesTracker(cfg.quiet_period_s, cfg.max_wait_s)
+        self._tracker = SeriesTracker(cfg.quiet_period_s, cfg.max_wait_s, release_grace_s)
         self._cond = threading.Condition()
         self._series: dict[str, _Series] = {}
         self._stopping = False
@@ -185,9 +108,14 @@ class Orchestrator:
         self._maintenance_interval_s = maintenance_interval_s
         self._maintenance: threading.Thread | None = None
         self._stopped = threading.Event()
-        self._events_lock = threading.Lock()
-        self._awaiting: dict[int, ResultEvent] = {}  # delivery id -> its result's event
-        self._open_deliveries: dict[str, set[int]] = {}  # series -> deliveries not finished
+        self._book = DeliveryBook()
+        self._accumulator = SeriesAccumulator()
+        self._processor = InstanceProcessor(settings, ledger, manager, self.store,
+                                            self._accumulator, self._routing_for, self._expect,
+                                            lambda: self._stopping)
+        self._finish = SeriesFinalizer(settings, ledger, manager, self.store, self._accumulator,
+                                       self.results_dir, delivery, self.metrics, self.feed,
+                                       self._book, self._route)
 
     @property
     def recorder(self) -> PipelineRecorder:
@@ -278,12 +206,20 @@ class Orchestrator:
             self._cond.notify_all()
 
     def on_release(self, closed: AssociationClosed) -> None:
-        """The listener's release callback: start the quiet period of the series delivered."""
+        """The listener's release callback: start the quiet period of the series delivered
+        (a short grace once their frames are known to form a gap-free stack)."""
+        idle = []
         with self._cond:
             now = self._clock()
             for uid in closed.series_instance_uids:
                 self._tracker.released(uid, now)
+                state = self._series.get(uid)
+                if state is not None and state.pending == 0:
+                    idle.append(uid)
             self._cond.notify_all()
+        for uid in idle:  # the ledger is read off the association's thread
+            with contextlib.suppress(RuntimeError):  # the pool shut down: nothing to finish
+                self._pool.submit(self._check_stack, uid)
 
     def delivery_outcome(self, update: DeliveryUpdate) -> None:
         """The delivery worker's callback: metrics, the result feed, slice pruning. Never
@@ -291,53 +227,33 @@ class Orchestrator:
         self.metrics.delivery_outcome(update.delivery_id, str(update.state.value))
         if update.state not in (DeliveryState.DONE, DeliveryState.DEAD):
             return
-        with self._events_lock:  # held by _record_results while it enqueues and registers
-            event = self._awaiting.pop(update.delivery_id, None)
-            if event is None:
-                return  # queued before this start: nobody can be watching it
-            waiting = self._open_deliveries.get(event.series_instance_uid, set())
-            waiting.discard(update.delivery_id)
-            finished = not waiting
-            if finished:
-                self._open_deliveries.pop(event.series_instance_uid, None)
+        settled = self._book.settle(update.delivery_id)
+        if settled is None:
+            return  # queued before this start: nobody can be watching it
+        event = settled.event
         delivered = update.state is DeliveryState.DONE
         self.feed.publish(ResultEvent(
             event.study_instance_uid, event.series_instance_uid, event.model, event.version,
             event.kind, event.sop_instance_uid,
             ResultState.DELIVERED if delivered else ResultState.DEAD, event.destination,
             event.probability, event.positive, event.volumes_ml, update.error or ""))
-        if finished:
+        if settled.series_finished:
             self.prune_slices(event.series_instance_uid)
 
     # -- submission (gRPC) and maintenance ------------------------------------------------------
 
     def submit_instance(self, data: bytes | memoryview, calling_ae: str,
                         priority: int = DimsePriority.MEDIUM) -> SubmitOutcome:
-        """Take one Part 10 file through the C-STORE path: validate, spool (fsync), record in
-        the ledger, queue. A success is only returned once the file is durable and recorded.
-        Failures are returned as the C-STORE status the listener would send, with a message.
+        """Take one Part 10 file through the C-STORE path (:func:`~edge.pipeline.intake.
+        submit_part10`): a success only once the file is durable and recorded; failures as the
+        C-STORE status the listener would send, with a message.
 
         Raises:
             RuntimeError: not started with a spool (the DICOM path is not running).
         """
-        spool = self.spool
-        if spool is None:
+        if self.spool is None:
             raise RuntimeError("the DICOM path is not running (no spool)")
-        uid = series = study = ""
-        try:
-            part = read_part10(data)
-            ident = part.identity
-            uid, series, study = (ident.sop_instance_uid, ident.series_instance_uid,
-                                  ident.study_instance_uid)
-            stored = spool.store(ident, file_meta(ident, calling_ae),
-                                 memoryview(data)[part.dataset_offset:])
-            new = self.recorder.record_instance(ReceivedInstance(
-                ident, stored.path, stored.size, calling_ae, time.time(), priority))
-        except Exception as exc:  # every failure becomes a status, in edge.ingest.statuses
-            status = failure_status(exc, calling_ae, uid)
-            return SubmitOutcome(uid, series, study, int(status), str(exc) or type(exc).__name__)
-        return SubmitOutcome(uid, series, study, int(Status.SUCCESS),
-                             "" if new else "already received", duplicate=not new)
+        return submit_part10(self.spool, self.recorder, data, calling_ae, priority)
 
     def prune_slices(self, series_instance_uid: str) -> bool:
         """Remove the series' per-slice outputs unless the series is being worked on; True if
@@ -346,43 +262,15 @@ class Orchestrator:
         with self._cond:
             if series_instance_uid in self._series:
                 return False
-        folder = self.store.root / series_instance_uid / "slices"
-        try:
-            shutil.rmtree(folder)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            LOG.warning("series %s: cannot prune slice outputs: %s", series_instance_uid, exc)
-            return False
-        return True
+        return prune_slice_folder(self.store, series_instance_uid)
 
     def maintain(self) -> None:
-        """One maintenance pass: the spool's retention (:func:`edge.jobs.ledger.cleanup` with
-        ``spool.retention_*``), then prune slice outputs of finished series whose deliveries
-        are all done or dead (left by a crash before the last outcome).
+        """One maintenance pass (:func:`edge.pipeline.maintenance.maintain`).
 
         Raises: OutOfResourcesError, LedgerError.
         """
-        cfg = self.settings.spool
-        if self.spool is not None:
-            report = cleanup(self.spool, self.ledger, cfg.retention_max_age_s,
-                             cfg.retention_min_free_bytes)
-            if report.removed:
-                LOG.info("retention: removed %d instances (%d bytes)", report.removed,
-                         report.freed_bytes)
-        for folder in self.store.root.glob("*/slices"):
-            uid = folder.parent.name
-            with self._events_lock:
-                waiting = uid in self._open_deliveries
-            if waiting:
-                continue
-            try:
-                record = queries.series(self.ledger, uid)
-            except queries.SeriesNotFoundError:
-                continue
-            if record.state in (SeriesState.DONE, SeriesState.FAILED) and \
-                    not queries.open_deliveries(self.ledger, uid):
-                self.prune_slices(uid)
+        maintain(self.spool, self.ledger, self.store, self.settings.spool, self._book.has_open,
+                 self.prune_slices)
 
     def _maintenance_loop(self) -> None:
         while not self._stopped.wait(self._maintenance_interval_s):
@@ -396,126 +284,51 @@ class Orchestrator:
     def _process(self, task: InstanceTask) -> None:
         outcome = "failed"
         try:
-            outcome = self._process_instance(task)
+            outcome = self._processor.process(task)
         except Exception as exc:  # one bad instance must not stop the pool; its reason is kept
             LOG.exception("instance %s: processing failed", task.sop_instance_uid)
             try:
-                self._record_reason(task, f"processing failed: {type(exc).__name__}: {exc}",
-                                    failed=True)
+                record_reason(self.ledger, task,
+                              f"processing failed: {type(exc).__name__}: {exc}", failed=True)
             except MededgeError:  # the ledger itself fails: the instance stays unfinished
                 LOG.exception("instance %s: cannot record the failure", task.sop_instance_uid)
         finally:
             self.metrics.instances_processed.labels(outcome).inc()
+            uid = task.series_instance_uid
             with self._cond:
-                state = self._series.get(task.series_instance_uid)
+                state = self._series.get(uid)
+                check = False
                 if state is not None:
                     state.pending -= 1
-                    self._forget_if_done(task.series_instance_uid)
+                    check = state.pending == 0 and self._tracker.is_released(uid)
+                    self._forget_if_done(uid)
                 self._cond.notify_all()
+            if check:
+                self._check_stack(uid)
 
-    def _record_reason(self, task: InstanceTask, reason: str, failed: bool) -> None:
-        """Record why an instance gets no result (a run with the reason) and finish it.
-
-        Raises: OutOfResourcesError, LedgerError.
-        """
-        run = self.ledger.create_run(task.series_instance_uid,
-                                     "failed" if failed else "skipped", "",
-                                     task.sop_instance_uid)
-        self.ledger.set_run_state(run, RunState.FAILED if failed else RunState.SKIPPED, reason)
-        self.ledger.set_instance_state(task.sop_instance_uid, InstanceState.DONE)
-
-    def _process_instance(self, task: InstanceTask) -> str:
+    def _check_stack(self, uid: str) -> None:
+        """Tell the tracker when every instance the ledger has of the series is known here and
+        their frames form one gap-free stack (then a release completes it after the grace)."""
+        with self._cond:
+            count = self._tracker.instances(uid)
+        if not count:
+            return
         try:
-            ds = pydicom.dcmread(task.path)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            self._record_reason(task, f"unreadable: {exc}", failed=True)
-            return "failed"
-        info = SeriesInfo.from_header(ds, task.calling_ae, task.priority)
-        if info.images_in_acquisition:
-            with self._cond:
-                self._tracker.expect(info.series_instance_uid, info.images_in_acquisition)
+            records = self.ledger.series_instances(uid)
+        except MededgeError:
+            LOG.exception("series %s: cannot read its instances", uid)
+            return
+        frames = self._accumulator.frames(uid, [r.identity.sop_instance_uid for r in records])
+        if frames is None or not contiguous_stack(frames):
+            return
+        with self._cond:
+            if self._tracker.stack_complete(uid, count):
                 self._cond.notify_all()
-        routing = self._routing_for(info)
-        if not routing.pipelines:
-            self._record_reason(task, f"skipped: {routing.skipped}", failed=False)
-            return "skipped"
-        frames = len(frame_geometries(ds))
-        decoded = None
-        problems: list[str] = []
-        done = 0
-        for pipeline in routing.pipelines:
-            for name in pipeline.models:
-                try:
-                    served = self.manager.get(name)
-                except (ModelNotFoundError, ModelNotReadyError) as exc:
-                    problems.append(f"{name}: {exc}")
-                    continue
-                if served.sidecar is None:
-                    problems.append(f"{name}: no sidecar (task, preprocessing unknown)")
-                    continue
-                if self.store.has(task.series_instance_uid, served.id, task.sop_instance_uid,
-                                  frames):
-                    done += 1
-                    continue
-                if decoded is None:
-                    try:
-                        decoded = decode(ds, task.sop_instance_uid)
-                    except DataError as exc:
-                        self._record_reason(task, f"decode failure: {exc}", failed=True)
-                        return "failed"
-                try:
-                    self._infer(task, served, decoded.frames, decoded.meta, pipeline.priority,
-                                info.priority)
-                    done += 1
-                except (MededgeError, ValueError) as exc:
-                    problems.append(f"{name}: {type(exc).__name__}: {exc}")
-        if problems:
-            LOG.warning("instance %s: %s", task.sop_instance_uid, "; ".join(problems))
-            if not done:
-                self._record_reason(task, "; ".join(problems), failed=True)
-                return "failed"
-        return "inferred"
 
-    def _infer(self, task: InstanceTask, served: ServedModel, frames: np.ndarray,
-               meta: object, rule_priority: int, dimse: int) -> None:
-        """Infer every frame of one instance with one model; keep the outputs.
-
-        Raises: MededgeError (scheduler, backend, deadline), ValueError (shapes), OSError.
-        """
-        sidecar = served.sidecar
-        assert sidecar is not None
-        spec = sidecar.preprocess
-        input_spec = served.inputs[0]
-        output = str(sidecar.postprocess.get("output") or served.outputs[0].name)
-        levels = int(served.config.dynamic_batching.priority_levels)
-        priority = scheduler_priority(dimse, rule_priority, levels)
-        threshold = threshold_for(sidecar.thresholds, sidecar.labels[-1])
-        for index, frame in enumerate(frames):
-            x = preprocess_image(frame, meta, spec)[np.newaxis]  # type: ignore[arg-type]
-            response = self._submit(served, {input_spec.name: x.astype(input_spec.dtype)},
-                                    priority, task.sop_instance_uid)
-            value = slice_output(sidecar.task, response.outputs[output][0], threshold)
-            self.store.save(task.series_instance_uid, served.id, task.sop_instance_uid,
-                            index + 1, value)
-
-    def _submit(self, served: ServedModel, inputs: Mapping[str, np.ndarray], priority: int,
-                request_id: str) -> InferenceResponse:
-        """Submit and wait; a full queue is backpressure: wait and retry until the deadline.
-
-        Raises: QueueFullError, DeadlineExceededError, BackendError, InvalidInputError.
-        """
-        deadline = time.monotonic() + self.settings.pipeline.deadline_s
-        while True:
-            try:
-                future = served.submit(InferenceRequest(
-                    model=served.id.name, version=served.id.version, inputs=inputs,
-                    request_id=request_id, priority=priority, deadline=deadline))
-            except QueueFullError:
-                if time.monotonic() >= deadline or self._stopping:
-                    raise
-                time.sleep(_QUEUE_FULL_BACKOFF_S)
-                continue
-            return future.result()
+    def _expect(self, uid: str, expected: int) -> None:
+        with self._cond:
+            self._tracker.expect(uid, expected)
+            self._cond.notify_all()
 
     def _applicability(self) -> dict[str, Applicability | None]:
         out: dict[str, Applicability | None] = {}
@@ -529,12 +342,15 @@ class Orchestrator:
             out[entry.name] = sidecar.applicability if sidecar is not None else None
         return out
 
+    def _route(self, info: SeriesInfo) -> Routing:
+        return route(info, self.settings.routing, self._applicability(), self.destinations)
+
     def _routing_for(self, info: SeriesInfo) -> Routing:
         with self._cond:
             state = self._series.get(info.series_instance_uid)
             if state is not None and state.routing is not None:
                 return state.routing
-        routing = route(info, self.settings.routing, self._applicability(), self.destinations)
+        routing = self._route(info)
         with self._cond:
             state = self._series.setdefault(info.series_instance_uid, _Series())
             if state.routing is None:
@@ -581,6 +397,7 @@ class Orchestrator:
         if state is not None and not state.pending and not state.finalizing \
                 and not self._tracker.is_open(uid):
             del self._series[uid]
+            self._accumulator.drop(uid)
 
     def _finalize(self, completion: Completion) -> None:
         uid = completion.series_instance_uid
@@ -595,102 +412,10 @@ class Orchestrator:
             self.metrics.series_completed.labels(completion.reason.value).inc()
             LOG.info("series %s complete (%s, %d instances)", uid, completion.reason.value,
                      completion.instances)
-            self._finish_series(uid, routing, last_received_at)
+            started = time.monotonic()
+            self._finish.finish(uid, routing, last_received_at)
+            LOG.info("series %s finished in %.3f s", uid, time.monotonic() - started)
         except Exception:  # the series stays unfinished in the ledger: resumed at next start
             LOG.exception("series %s: finishing failed", uid)
         finally:
             self._finalized(uid)
-
-    def _finish_series(self, uid: str, routing: Routing | None, last_received_at: float) -> None:
-        """Raises: OSError, OutOfResourcesError, LedgerError."""
-        records = self.ledger.series_instances(uid)
-        sources: list[SourceInstance] = []
-        for record in records:
-            try:
-                header = pydicom.dcmread(record.path, stop_before_pixels=True)
-            except (InvalidDicomError, OSError, ValueError, EOFError):
-                continue  # its reason was recorded when it was processed
-            sources.append(SourceInstance(record.identity.sop_instance_uid, header,
-                                          frame_geometries(header)))
-        if routing is None and sources:
-            info = SeriesInfo.from_header(sources[0].header)
-            routing = route(info, self.settings.routing, self._applicability(),
-                            self.destinations)
-        self.ledger.set_series_state(uid, SeriesState.PROCESSING)
-        failed = False
-        for pipeline in routing.pipelines if routing is not None else ():
-            runs = []
-            for name in pipeline.models:
-                try:
-                    served = self.manager.get(name)
-                except (ModelNotFoundError, ModelNotReadyError):
-                    continue  # recorded per instance
-                if served.sidecar is not None:
-                    runs.append(ModelRun(served.id, served.sidecar))
-            covered = [s for s in sources if any(
-                self.store.has(uid, r.model, s.sop_instance_uid, len(s.frames)) for r in runs)]
-            folder = self.results_dir / uid / pipeline.name
-            if not covered or queries.pipeline_done(
-                    self.ledger, uid, pipeline.name,
-                    fingerprint(runs, [s.sop_instance_uid for s in covered])):
-                continue
-
-            def model_failed(run: ModelRun, exc: Exception, name: str = pipeline.name) -> None:
-                nonlocal failed
-                failed = True
-                LOG.error("series %s, %s: %s: %s", uid, run.model, type(exc).__name__, exc)
-                run_id = self.ledger.create_run(uid, name, str(run.model))
-                self.ledger.set_run_state(run_id, RunState.FAILED,
-                                          f"{type(exc).__name__}: {exc}")
-
-            results = build_pipeline_results(folder, self.store, uid, pipeline, runs, covered,
-                                             model_failed)
-            self._record_results(uid, records[0].identity.study_instance_uid, results,
-                                 last_received_at)
-        for record in records:
-            if record.state is not InstanceState.DONE:
-                self.ledger.set_instance_state(record.identity.sop_instance_uid,
-                                               InstanceState.DONE)
-        self.ledger.set_series_state(uid, SeriesState.FAILED if failed else SeriesState.DONE)
-
-    def _record_results(self, uid: str, study: str, results: PipelineResults,
-                        last_received_at: float) -> None:
-        """Record the run (with the results' fingerprint) and its results, queue each for every
-        destination, publish them; the run becomes ``done`` last, which is what makes
-        finishing the same instances again a no-op (:func:`edge.jobs.queries.pipeline_done`).
-
-        Raises: OutOfResourcesError, LedgerError, ConfigError.
-        """
-        pipeline = results.pipeline
-        models = ",".join(dict.fromkeys(str(f.model) for f in results.files))
-        run_id = self.ledger.create_run(uid, pipeline.name, models or "-",
-                                        fingerprint=results.fingerprint)
-        events = []
-        with self._events_lock:  # an outcome waits until its delivery is registered here
-            for result in results.files:
-                result_id = self.ledger.add_result(run_id, result.kind, result.path,
-                                                   result.sop_instance_uid)
-                self.metrics.results_written.labels(result.kind).inc()
-                event = ResultEvent(study, uid, result.model.name, result.model.version,
-                                    result.kind, result.sop_instance_uid, ResultState.WRITTEN,
-                                    probability=result.probability, positive=result.positive,
-                                    volumes_ml=dict(result.volumes_ml))
-                events.append(event)
-                if self.delivery is None:
-                    continue
-                for text in pipeline.destinations:
-                    delivery_id = self.delivery.enqueue(result_id, result.path,
-                                                        Destination.parse(text))
-                    self.metrics.delivery_queued(delivery_id, last_received_at, result.kind)
-                    self._awaiting[delivery_id] = ResultEvent(
-                        study, uid, event.model, event.version, event.kind,
-                        event.sop_instance_uid, ResultState.WRITTEN, text, event.probability,
-                        event.positive, event.volumes_ml)
-                    self._open_deliveries.setdefault(uid, set()).add(delivery_id)
-        if results.files and not pipeline.destinations:
-            LOG.warning("series %s: no destination configured; results kept in %s", uid,
-                        self.results_dir / uid)
-        self.ledger.set_run_state(run_id, RunState.DONE,
-                                  None if results.files else "no result objects written")
-        for event in events:
-            self.feed.publish(event)

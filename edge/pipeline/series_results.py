@@ -1,17 +1,17 @@
-"""Series-level work once a series is complete: aggregate, write SEG/SR, record, queue delivery.
+"""Series-level work once a series is complete: aggregate, write SEG/SR.
 
 Idempotent: the SEG and SR carry deterministic UIDs (:func:`edge.writers.uids.result_uid`), and
-each pipeline leaves ``<results>/<series>/<pipeline>/done.json`` naming the instances its results
-cover, written only after the deliveries are queued in the ledger. Finishing the same instances
-again (a crash after queueing, before the instances were marked done) therefore queues nothing
-twice; a series that gained instances is rebuilt and re-sent under the same UIDs, which the PACS
-treats as a replacement.
+the pipeline's run in the ledger carries the :func:`fingerprint` of its models and instances
+(:mod:`edge.pipeline.finalize` records it). Results are yielded one by one as they are written
+(:func:`iter_pipeline_results`), so the SEG can be on its way to the PACS while the SR is built.
+Per-frame outputs come from the :class:`~edge.pipeline.accumulator.SeriesAccumulator` (already
+in the source geometry) where the workers left them, else from the
+:class:`~edge.pipeline.slices.SliceStore` on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -24,9 +24,16 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from edge.core.types import ModelId, Task
+from edge.pipeline.accumulator import SeriesAccumulator
 from edge.pipeline.slices import SliceStore
-from edge.postprocess.aggregate import classify_series, segment_series, threshold_for
+from edge.postprocess.aggregate import (
+    classify_series,
+    segment_series_from_labels,
+    threshold_for,
+    with_component_counts,
+)
 from edge.postprocess.results import SeriesClassification, SeriesSegmentation, VoxelSpacing
+from edge.preprocess.imaging import restore_geometry
 from edge.preprocess.volume import FrameGeometry, assemble_volume, slice_order
 from edge.repository.sidecar import Sidecar
 from edge.routing.rules import Pipeline
@@ -35,7 +42,6 @@ from edge.writers.seg import build_segmentation
 from edge.writers.sr import build_report
 
 LOG = logging.getLogger(__name__)
-MARKER = "done.json"
 
 
 @dataclass(frozen=True)
@@ -78,35 +84,26 @@ class PipelineResults:
     fingerprint: str  # of the models and instances: equal -> same results
 
 
-class _OneHot(Sequence[np.ndarray]):
-    """Label maps presented as one-hot (C, H, W) scores, one slice at a time (low memory)."""
-
-    def __init__(self, maps: Sequence[np.ndarray], classes: int) -> None:
-        self._maps = maps
-        self._eye = np.eye(max(classes, 2), dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self._maps)
-
-    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
-        return np.moveaxis(self._eye[self._maps[index]], -1, 0)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self[i] for i in range(len(self)))
-
-
 def fingerprint(models: Sequence[ModelRun], instances: Sequence[str]) -> str:
     text = "|".join(str(m.model) for m in models) + "#" + "|".join(sorted(instances))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _ordered_outputs(store: SliceStore, series: str, run: ModelRun,
-                     sources: Sequence[SourceInstance]
+                     sources: Sequence[SourceInstance], cache: SeriesAccumulator | None,
+                     restore: tuple[int, int] | None = None,
                      ) -> tuple[list[FrameGeometry], list[np.ndarray]]:
+    """Each source frame's output: from ``cache`` (segmenters: already restored), else from
+    disk (restored to ``restore`` = rows, columns when given)."""
     frames, outputs = [], []
     for source in sources:
         for frame in source.frames:
-            value = store.load(series, run.model, source.sop_instance_uid, frame.frame_number)
+            uid, number = source.sop_instance_uid, frame.frame_number
+            value = cache.output(series, run.model, uid, number) if cache is not None else None
+            if value is None:
+                value = store.load(series, run.model, uid, number)
+                if value is not None and restore is not None:
+                    value = restore_geometry(value, restore, run.sidecar.preprocess)
             if value is not None:
                 frames.append(frame)
                 outputs.append(value)
@@ -114,13 +111,14 @@ def _ordered_outputs(store: SliceStore, series: str, run: ModelRun,
 
 
 def classify(store: SliceStore, series: str, run: ModelRun,
-             sources: Sequence[SourceInstance]) -> SeriesClassification | None:
-    """The series verdict of a classifier from its stored slice scores (None: no slices).
+             sources: Sequence[SourceInstance], cache: SeriesAccumulator | None = None,
+             ) -> SeriesClassification | None:
+    """The series verdict of a classifier from its slice scores (None: no slices).
 
     Raises:
         ValueError: scores and labels disagree.
     """
-    frames, outputs = _ordered_outputs(store, series, run, sources)
+    frames, outputs = _ordered_outputs(store, series, run, sources, cache)
     if not frames:
         return None
     order, _, _ = slice_order(frames)
@@ -135,8 +133,11 @@ def classify(store: SliceStore, series: str, run: ModelRun,
 
 
 def segment(store: SliceStore, series: str, run: ModelRun,
-            sources: Sequence[SourceInstance]) -> SeriesSegmentation | None:
-    """The series label map of a segmenter from its stored slice maps (None: no slices).
+            sources: Sequence[SourceInstance], cache: SeriesAccumulator | None = None, *,
+            measure_components: bool = True) -> SeriesSegmentation | None:
+    """The series label map of a segmenter from its slice maps (None: no slices), in the
+    source geometry. ``measure_components`` False leaves the component counts for later
+    (:func:`edge.postprocess.aggregate.with_component_counts`).
 
     Raises:
         DataError: the frames do not form one stack.
@@ -149,17 +150,19 @@ def segment(store: SliceStore, series: str, run: ModelRun,
     shape = shapes.most_common(1)[0][0]  # the main stack; a localizer of another size stays out
     frames, outputs = _ordered_outputs(store, series, run, [
         s for s in sources
-        if (int(getattr(s.header, "Rows", 0)), int(getattr(s.header, "Columns", 0))) == shape])
+        if (int(getattr(s.header, "Rows", 0)), int(getattr(s.header, "Columns", 0))) == shape],
+        cache, restore=shape)
     if not frames:
         return None
     volume = assemble_volume(outputs, frames)
     spacing = VoxelSpacing(row_mm=volume.spacing[1], column_mm=volume.spacing[2],
                            slice_mm=volume.spacing[0])
     sidecar = run.sidecar
-    return segment_series(
+    return segment_series_from_labels(
         run.model, sidecar.labels, volume.source_sop_instance_uids,
-        _OneHot(list(volume.voxels), len(sidecar.labels)), shape, sidecar.preprocess, spacing,
-        min_component_voxels=int(sidecar.postprocess.get("min_component_voxels", 0)))
+        volume.voxels.astype(np.uint8, copy=False), spacing,
+        min_component_voxels=int(sidecar.postprocess.get("min_component_voxels", 0)),
+        measure_components=measure_components)
 
 
 def write_dataset(dataset: Dataset, path: Path) -> None:
@@ -185,25 +188,30 @@ def write_dataset(dataset: Dataset, path: Path) -> None:
         os.close(dir_fd)
 
 
-def already_done(folder: Path, fp: str) -> bool:
-    try:
-        return json.loads((folder / MARKER).read_text()).get("fingerprint") == fp
-    except (OSError, ValueError):
-        return False
-
-
-def mark_done(folder: Path, fp: str, instances: Sequence[str]) -> None:
-    """Raises: OSError."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fp, "instances": len(instances)}))
-    os.replace(tmp, folder / MARKER)
-
-
 def build_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline: Pipeline,
                            runs: Sequence[ModelRun], sources: Sequence[SourceInstance],
-                           on_error: Callable[[ModelRun, Exception], None]) -> PipelineResults:
-    """Aggregate each model's slices and write the SEG (segmenters) and SR objects.
+                           on_error: Callable[[ModelRun, Exception], None],
+                           cache: SeriesAccumulator | None = None) -> PipelineResults:
+    """Aggregate each model's slices and write the SEG and SR objects (all of
+    :func:`iter_pipeline_results`).
+
+    Raises:
+        OSError: a result file cannot be written.
+    """
+    files = tuple(iter_pipeline_results(folder, store, series, pipeline, runs, sources,
+                                        on_error, cache))
+    covered = tuple(s.sop_instance_uid for s in sources)
+    return PipelineResults(pipeline, files, covered, fingerprint(runs, covered))
+
+
+def iter_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline: Pipeline,
+                          runs: Sequence[ModelRun], sources: Sequence[SourceInstance],
+                          on_error: Callable[[ModelRun, Exception], None],
+                          cache: SeriesAccumulator | None = None) -> Iterator[ResultFile]:
+    """Aggregate each model's slices and write its objects, yielding each written (fsync'd)
+    file at once: every SEG first, then the SRs. Component counts, which only the SR reports,
+    are measured after the SEGs were yielded, so a caller that queues each file as it comes
+    sends the SEG while the counts and the SR are being made.
 
     Each segmenter is paired with a classifier (in order) in one TID 1500 report; the others
     get a report of their own. A model whose aggregation or writing fails is reported to
@@ -217,17 +225,16 @@ def build_pipeline_results(folder: Path, store: SliceStore, series: str, pipelin
     for run in runs:
         try:
             if run.sidecar.task is Task.SEGMENT:
-                seg = segment(store, series, run, sources)
+                seg = segment(store, series, run, sources, cache, measure_components=False)
                 if seg is not None:
                     segs.append((run, seg))
             elif run.sidecar.task is Task.CLASSIFY:
-                cls = classify(store, series, run, sources)
+                cls = classify(store, series, run, sources, cache)
                 if cls is not None:
                     classes.append((run, cls))
         except (ValueError, ArithmeticError) as exc:
             on_error(run, exc)
     headers = [s.header for s in sources]
-    files: list[ResultFile] = []
     seg_objects: list[tuple[ModelRun, SeriesSegmentation, Dataset]] = []
     for run, seg in segs:
         algorithm = AlgorithmInfo(run.model.name, str(run.model.version))
@@ -240,30 +247,26 @@ def build_pipeline_results(folder: Path, store: SliceStore, series: str, pipelin
         if "seg" in pipeline.outputs:
             path = folder / f"seg-{run.model.name}-v{run.model.version}.dcm"
             write_dataset(obj, path)
-            files.append(ResultFile("seg", run.model, path, str(obj.SOPInstanceUID),
-                                    volumes_ml=tuple(seg.volumes_ml.items())))
-    if "sr" in pipeline.outputs:
-        reports: list[tuple[ModelRun, tuple[SeriesSegmentation, Dataset] | None,
-                            SeriesClassification | None]] = []
-        for i in range(max(len(seg_objects), len(classes))):
-            seg_part = seg_objects[i] if i < len(seg_objects) else None
-            cls_part = classes[i] if i < len(classes) else None
-            owner = seg_part[0] if seg_part is not None else cls_part[0]  # type: ignore[index]
-            reports.append((owner, (seg_part[1], seg_part[2]) if seg_part else None,
-                            cls_part[1] if cls_part else None))
-        for owner, seg_arg, cls_arg in reports:
-            algorithm = AlgorithmInfo(owner.model.name, str(owner.model.version))
-            try:
-                report = build_report(headers, algorithm, segmentation=seg_arg,
-                                      classification=cls_arg)
-            except Exception as exc:  # highdicom raises several types for one bad input
-                on_error(owner, exc)
-                continue
-            path = folder / f"sr-{owner.model.name}-v{owner.model.version}.dcm"
-            write_dataset(report, path)
-            files.append(ResultFile(
-                "sr", owner.model, path, str(report.SOPInstanceUID),
-                cls_arg.probability if cls_arg else None, cls_arg.positive if cls_arg else None,
-                tuple(seg_arg[0].volumes_ml.items()) if seg_arg else ()))
-    covered = tuple(s.sop_instance_uid for s in sources)
-    return PipelineResults(pipeline, tuple(files), covered, fingerprint(runs, covered))
+            yield ResultFile("seg", run.model, path, str(obj.SOPInstanceUID),
+                             volumes_ml=tuple(seg.volumes_ml.items()))
+    if "sr" not in pipeline.outputs:
+        return
+    for i in range(max(len(seg_objects), len(classes))):
+        seg_part = seg_objects[i] if i < len(seg_objects) else None
+        cls_arg = classes[i][1] if i < len(classes) else None
+        owner = seg_part[0] if seg_part is not None else classes[i][0]
+        algorithm = AlgorithmInfo(owner.model.name, str(owner.model.version))
+        try:
+            seg_arg = (with_component_counts(seg_part[1]), seg_part[2]) \
+                if seg_part is not None else None
+            report = build_report(headers, algorithm, segmentation=seg_arg,
+                                  classification=cls_arg)
+        except Exception as exc:  # highdicom raises several types for one bad input
+            on_error(owner, exc)
+            continue
+        path = folder / f"sr-{owner.model.name}-v{owner.model.version}.dcm"
+        write_dataset(report, path)
+        yield ResultFile(
+            "sr", owner.model, path, str(report.SOPInstanceUID),
+            cls_arg.probability if cls_arg else None, cls_arg.positive if cls_arg else None,
+            tuple(seg_arg[0].volumes_ml.items()) if seg_arg else ())

@@ -4,6 +4,9 @@ A series is complete when the first of these holds:
 
 - **expected count**: the data says how many instances to expect (ImagesInAcquisition) and that
   many have arrived;
+- **release + grace on a complete stack**: an association that delivered instances of the
+  series has ended and the caller said the frames received form one gap-free stack
+  (:meth:`SeriesTracker.stack_complete`); no instance arrived for ``release_grace_s`` since;
 - **release + quiet period**: an association that delivered instances of the series has ended
   (released or aborted) and no instance of it arrived for ``quiet_period_s`` since, which
   covers a modality that sends one series over several associations back to back;
@@ -48,6 +51,7 @@ class _Series:
     released_at: float | None = None
     resumed: bool = False
     hold_until: float = 0.0  # a resumed series waits for its sender's retry until then
+    stack_complete: bool = False  # the caller found a gap-free stack (reset by new instances)
     uids: set[str] = field(default_factory=set)
 
 
@@ -57,10 +61,17 @@ class SeriesTracker:
     Not thread-safe by itself: the orchestrator calls it under its own lock.
     """
 
-    def __init__(self, quiet_period_s: float, max_wait_s: float) -> None:
-        if quiet_period_s < 0 or max_wait_s <= 0:
-            raise ValueError("quiet_period_s must be >= 0 and max_wait_s > 0")
+    def __init__(self, quiet_period_s: float, max_wait_s: float,
+                 release_grace_s: float | None = None) -> None:
+        """``release_grace_s`` (None: the quiet period; never more than it) is the wait after
+        a release when the stack is complete.
+
+        Raises: ValueError (a negative period, ``max_wait_s`` not positive)."""
+        if quiet_period_s < 0 or max_wait_s <= 0 or (release_grace_s or 0) < 0:
+            raise ValueError("quiet_period_s, release_grace_s must be >= 0 and max_wait_s > 0")
         self.quiet_period_s = quiet_period_s
+        self.release_grace_s = quiet_period_s if release_grace_s is None \
+            else min(release_grace_s, quiet_period_s)
         self.max_wait_s = max_wait_s
         self._open: dict[str, _Series] = {}
         self._epochs: dict[str, int] = {}
@@ -75,6 +86,7 @@ class SeriesTracker:
         if sop_instance_uid not in state.uids:
             state.uids.add(sop_instance_uid)
             state.count += 1
+            state.stack_complete = False
         state.last_at = now
         if expected is not None and expected > 0:
             state.expected = expected
@@ -102,14 +114,37 @@ class SeriesTracker:
             state.released_at = now
             state.hold_until = now + grace_s
 
+    def stack_complete(self, series_instance_uid: str, instances: int) -> bool:
+        """The caller found that the ``instances`` instances of the series form one gap-free
+        stack: after a release it completes ``release_grace_s`` after the last instance.
+        Ignored (False) when the count changed meanwhile."""
+        state = self._open.get(series_instance_uid)
+        if state is None or state.count != instances:
+            return False
+        state.stack_complete = True
+        return True
+
+    def instances(self, series_instance_uid: str) -> int:
+        """Instances seen in the open epoch (0: not open)."""
+        state = self._open.get(series_instance_uid)
+        return state.count if state is not None else 0
+
+    def is_released(self, series_instance_uid: str) -> bool:
+        state = self._open.get(series_instance_uid)
+        return state is not None and state.released_at is not None
+
     def is_open(self, series_instance_uid: str) -> bool:
         return series_instance_uid in self._open
+
+    def _wait_after_release(self, state: _Series) -> float:
+        return self.release_grace_s if state.stack_complete else self.quiet_period_s
 
     def _reason(self, state: _Series, now: float) -> CompletionReason | None:
         if state.expected is not None and state.count >= state.expected:
             return CompletionReason.EXPECTED_COUNT
         if state.released_at is not None and now >= state.hold_until and \
-                now - max(state.released_at, state.last_at) >= self.quiet_period_s:
+                now - max(state.released_at, state.last_at) >= self._wait_after_release(state):
+            # a complete stack after its grace is RELEASED too (the metric's label set is fixed)
             return CompletionReason.RESUMED if state.resumed else CompletionReason.RELEASED
         if now - state.last_at >= self.max_wait_s:
             return CompletionReason.MAX_WAIT
@@ -134,7 +169,8 @@ class SeriesTracker:
             if state.expected is not None and state.count >= state.expected:
                 return state.last_at
             if state.released_at is not None:
-                times.append(max(state.released_at + self.quiet_period_s, state.hold_until,
-                                 state.last_at + self.quiet_period_s))
+                wait = self._wait_after_release(state)
+                times.append(max(state.released_at + wait, state.hold_until,
+                                 state.last_at + wait))
             times.append(state.last_at + self.max_wait_s)
         return min(times) if times else None

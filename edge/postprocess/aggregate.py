@@ -11,6 +11,7 @@ components, and measured (volumes in mL, component counts).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 
@@ -130,6 +131,34 @@ def segment_series(model: ModelId, labels: Sequence[str], sop_instance_uids: Seq
     for i, scores in enumerate(outputs):
         small = label_map_from_scores(np.asarray(scores), threshold)
         label_map[i] = restore_geometry(small, original_shape, spec)
+    return segment_series_from_labels(model, labels, sop_instance_uids, label_map, spacing,
+                                      min_component_voxels=min_component_voxels,
+                                      connectivity=connectivity)
+
+
+def segment_series_from_labels(model: ModelId, labels: Sequence[str],
+                               sop_instance_uids: Sequence[str], label_map: np.ndarray,
+                               spacing: VoxelSpacing, *,
+                               min_component_voxels: Mapping[int, int] | int = 0,
+                               connectivity: int = 3, measure_components: bool = True,
+                               ) -> SeriesSegmentation:
+    """A (slices, rows, columns) uint8 label map already in the source geometry -> cleaned and
+    measured. The pipeline restores each slice as it arrives, so a series' finalize only
+    stacks; :func:`segment_series` is this after labelling and restoring (C, H, W) outputs.
+
+    ``measure_components`` False leaves ``component_counts`` empty (the SEG does not need them;
+    :func:`with_component_counts` adds them later, e.g. while the SEG is being sent).
+
+    Raises:
+        ValueError: the numbers of slices and instances disagree, the map is not 3D uint8, or
+            it has a label beyond ``labels``.
+    """
+    if label_map.ndim != 3 or label_map.dtype != np.uint8:
+        raise ValueError(f"segment_series: label map must be 3D uint8, got {label_map.ndim}D "
+                         f"{label_map.dtype}")
+    if len(label_map) != len(sop_instance_uids):
+        raise ValueError(f"segment_series: {len(label_map)} outputs for "
+                         f"{len(sop_instance_uids)} instances")
     if label_map.size and int(label_map.max()) >= len(labels):
         raise ValueError(f"segment_series: outputs have label {int(label_map.max())} but "
                          f"only {len(labels)} labels")
@@ -138,4 +167,12 @@ def segment_series(model: ModelId, labels: Sequence[str], sop_instance_uids: Seq
         model=model, labels=tuple(labels), label_map=label_map,
         source_sop_instance_uids=tuple(sop_instance_uids),
         volumes_ml=volumes_ml(label_map, labels, spacing),
-        component_counts=component_counts(label_map, labels, connectivity), spacing=spacing)
+        component_counts=component_counts(label_map, labels, connectivity)
+        if measure_components else {}, spacing=spacing)
+
+
+def with_component_counts(result: SeriesSegmentation, connectivity: int = 3
+                          ) -> SeriesSegmentation:
+    """``result`` with its connected-component counts (a copy; the label map is shared)."""
+    return dataclasses.replace(result, component_counts=component_counts(
+        result.label_map, result.labels, connectivity))

