@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edge.core.errors import ConfigError
 
@@ -35,12 +42,96 @@ class ServerSettings(_Section):
     drain_timeout_s: float = Field(30.0, gt=0)
 
 
+class ServerTlsSettings(_Section):
+    """TLS on a listening port (DICOM, gRPC, HTTP). Off by default; see docs/security.md.
+
+    With ``enabled`` the port speaks TLS only: plaintext clients fail their handshake.
+    """
+
+    enabled: bool = False
+    cert_file: Path | None = None  # our certificate chain, PEM, leaf first
+    key_file: Path | None = None  # its private key, PEM, unencrypted
+    ca_file: Path | None = None  # CA certificates that sign client certificates (mutual TLS)
+    require_client_cert: bool = False  # mutual TLS: refuse clients without a valid certificate
+
+    @model_validator(mode="after")
+    def _complete(self) -> ServerTlsSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("cert_file and key_file are required when enabled")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA of the client "
+                             "certificates)")
+        return self
+
+
+class ClientTlsSettings(_Section):
+    """TLS when we connect out (DICOM destinations). Off by default; see docs/security.md."""
+
+    enabled: bool = False
+    ca_file: Path | None = None  # CA certificates we trust; None: the system's trust store
+    cert_file: Path | None = None  # our client certificate chain (mutual TLS), PEM
+    key_file: Path | None = None  # its private key
+    verify_peer: bool = True  # False: no certificate check at all (testing only)
+    check_hostname: bool = True  # the peer's certificate must name the host we connect to
+
+    @model_validator(mode="after")
+    def _complete(self) -> ClientTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate)")
+        if self.check_hostname and not self.verify_peer:
+            raise ValueError("check_hostname needs verify_peer")
+        return self
+
+
+#: Rights a bearer token can carry (docs/security.md has the method table).
+Right = Literal["infer", "repository", "metrics"]
+
+
+class TokenEntry(_Section):
+    """One bearer token, stored as the sha256 of the token (hex), never the token itself."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rights: tuple[Right, ...] = Field(min_length=1)
+
+
+class AuthSettings(_Section):
+    """Bearer tokens for gRPC and /metrics; ``tokens_file`` (YAML list of entries) adds to
+    ``tokens``. Which front ends demand a token is said in ``grpc`` and ``http``."""
+
+    tokens_file: Path | None = None
+    tokens: tuple[TokenEntry, ...] = ()
+
+
+#: gRPC methods that need no token by default: health checks (grpc.health.v1, KServe's
+#: ServerLive/ServerReady) and server reflection.
+PUBLIC_GRPC_METHODS: tuple[str, ...] = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
+
+
 class GrpcSettings(_Section):
     """gRPC front end limits. The default message size holds a CT volume."""
 
     max_message_bytes: int = Field(512 * 1024 * 1024, ge=4 * 1024 * 1024)
     max_workers: int = Field(32, ge=1)
     reflection: bool = True
+    tls: ServerTlsSettings = ServerTlsSettings()
+    require_token: bool = False  # every call but public_methods needs a bearer token
+    public_methods: tuple[str, ...] = PUBLIC_GRPC_METHODS  # full names or "/service/" prefixes
+
+
+class HttpSettings(_Section):
+    """The HTTP front end (/metrics, /v2/health/*)."""
+
+    bind: str | None = None  # None: server.bind
+    tls: ServerTlsSettings = ServerTlsSettings()
+    metrics_auth: bool = False  # /metrics needs a token with the ``metrics`` right
+    health_auth: bool = False  # /v2/health/* too (probes then need a token)
 
 
 class RepositorySettings(_Section):
@@ -102,6 +193,7 @@ class DicomSettings(_Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=30.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    tls: ServerTlsSettings = ServerTlsSettings()  # DICOM TLS (PS3.15 Annex B.1, BCP 195)
 
 
 class SpoolSettings(_Section):
@@ -130,6 +222,7 @@ class DispatchSettings(_Section):
     retry_max_s: float = Field(default=600.0, gt=0)
     retry_max_attempts: int = Field(default=20, ge=1)  # about 2 hours of retrying with the defaults
     retry_jitter: float = Field(default=0.2, ge=0, le=1)
+    tls: ClientTlsSettings = ClientTlsSettings()  # to every destination
 
 
 class RuleConditions(_Section):
@@ -196,6 +289,8 @@ class Settings(_Section):
 
     server: ServerSettings = ServerSettings()
     grpc: GrpcSettings = GrpcSettings()
+    http: HttpSettings = HttpSettings()
+    auth: AuthSettings = AuthSettings()
     repository: RepositorySettings = RepositorySettings()
     backend: BackendSettings = BackendSettings()
     scheduler: SchedulerSettings = SchedulerSettings()

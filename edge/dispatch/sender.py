@@ -25,6 +25,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from edge.core.config import DispatchSettings
+from edge.core.tls import client_context
 from edge.dispatch.destination import Destination
 from edge.dispatch.retry import LocalStatus
 
@@ -97,8 +98,14 @@ class DicomSender:
     def __init__(self, settings: DispatchSettings,
                  evt_handlers: Sequence[tuple[Any, ...]] = ()) -> None:
         """``evt_handlers``: extra pynetdicom ``(event, handler[, args])`` bindings for each
-        association (metrics, tests); they run after this sender's own."""
+        association (metrics, tests); they run after this sender's own.
+
+        Raises:
+            ConfigError: ``dispatch.tls`` names a missing or invalid file (the message names
+                the key).
+        """
         self.settings = settings
+        self._ssl = client_context(settings.tls, "dispatch.tls")  # None: plain TCP
         self._ae = AE(ae_title=settings.ae_title)
         self._ae.connection_timeout = settings.connection_timeout_s
         self._ae.acse_timeout = settings.acse_timeout_s
@@ -123,7 +130,9 @@ class DicomSender:
     def _send_batch(self, items: list[_Item], destination: Destination) -> list[StoreOutcome]:
         assoc = self._ae.associate(destination.host, destination.port, _contexts(items),
                                    ae_title=destination.ae_title, max_pdu=self.settings.max_pdu,
-                                   evt_handlers=self._handlers)
+                                   evt_handlers=self._handlers,
+                                   tls_args=None if self._ssl is None
+                                   else (self._ssl, destination.host))
         if not assoc.is_established:
             status = LocalStatus.NO_ASSOCIATION
             error = f"no association with {destination}: {_why(assoc)}"

@@ -29,6 +29,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from edge.core.config import Settings
+from edge.core.tls import server_context
 from edge.ingest import AssociationClosed, InstanceRecorder, ReceivedInstance, ReleaseCallback
 from edge.ingest.peers import PeerPolicy
 from edge.ingest.spool import Spool
@@ -120,6 +121,9 @@ class _Delivered:
 class DicomListener:
     """Storage SCP on ``settings.dicom``; use :meth:`start` / :meth:`stop` or ``with``.
 
+    With ``dicom.tls.enabled`` the port speaks TLS only (docs/security.md); the constructor
+    raises ConfigError, naming the key, when a certificate or key file is missing or invalid.
+
     ``recorder`` records each instance after it is fsync'd and before success is answered;
     ``on_release`` is told which series an association delivered when it ends.
     """
@@ -138,6 +142,8 @@ class DicomListener:
         self._lock = threading.Lock()
         self._delivered: dict[int, _Delivered] = {}
         self._ae = self._make_ae()
+        self._ssl = server_context(settings.dicom.tls, "dicom.tls",  # None: plain TCP
+                                   settings.dicom.network_timeout_s)
         self._server: ThreadedAssociationServer | None = None
 
     @property
@@ -180,11 +186,12 @@ class DicomListener:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         server = self._ae.start_server((self._bind, self._settings.port), block=False,
-                                       evt_handlers=handlers)
+                                       ssl_context=self._ssl, evt_handlers=handlers)
         assert server is not None  # start_server(block=False) returns the server
         self._server = server
         port = int(server.server_address[1])
-        LOG.info("DICOM listener %s on %s:%d", self._settings.ae_title, self._bind, port)
+        LOG.info("DICOM listener %s on %s:%d%s", self._settings.ae_title, self._bind, port,
+                 " (TLS)" if self._ssl is not None else "")
         return port
 
     def stop(self) -> None:
