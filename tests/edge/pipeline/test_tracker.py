@@ -86,3 +86,30 @@ def test_resumed_series_waits_for_the_senders_retry() -> None:
     t.instance("s", "b", now=1.0)  # the sender retries: a new association ...
     t.released("s", now=1.2)  # ... ends, so the normal quiet period applies
     assert [c.instances for c in t.due(1.7)] == [2]
+
+
+def test_complete_stack_completes_after_the_release_grace() -> None:
+    tracker = SeriesTracker(quiet_period_s=0.5, max_wait_s=60, release_grace_s=0.1)
+    tracker.instance("s", "a", 0.0)
+    tracker.instance("s", "b", 0.0)
+    assert tracker.stack_complete("s", 2)
+    tracker.released("s", 0.0)
+    assert tracker.next_deadline() == 0.1
+    assert not tracker.due(0.05)
+    assert [c.reason for c in tracker.due(0.1)] == [CompletionReason.RELEASED]
+
+
+def test_a_new_instance_cancels_the_complete_stack() -> None:
+    tracker = SeriesTracker(quiet_period_s=0.5, max_wait_s=60, release_grace_s=0.1)
+    tracker.instance("s", "a", 0.0)
+    assert not tracker.stack_complete("s", 2)  # the caller saw another count: ignored
+    assert tracker.stack_complete("s", 1)
+    tracker.instance("s", "b", 0.0)
+    tracker.released("s", 0.0)
+    assert not tracker.due(0.2)
+    assert [c.reason for c in tracker.due(0.5)] == [CompletionReason.RELEASED]
+
+
+def test_release_grace_never_exceeds_the_quiet_period() -> None:
+    assert SeriesTracker(quiet_period_s=0.2, max_wait_s=60, release_grace_s=1.0) \
+        .release_grace_s == 0.2

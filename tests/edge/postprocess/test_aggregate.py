@@ -97,3 +97,19 @@ def test_series_segmentation_validates_its_fields() -> None:
         SeriesSegmentation(MODEL, ("bg", "x"), np.zeros((2, 2, 2), np.uint8), ("1",))
     with pytest.raises(ValueError, match="labels"):
         SeriesSegmentation(MODEL, ("bg", "x"), np.full((1, 2, 2), 2, np.uint8), ("1",))
+
+
+def test_segment_series_from_labels_measures_volumes_now_and_components_later() -> None:
+    from edge.postprocess.aggregate import segment_series_from_labels, with_component_counts
+
+    spacing = VoxelSpacing(1.0, 1.0, 2.0)
+    label_map = np.zeros((3, 4, 4), np.uint8)
+    label_map[0:2, 1:3, 1:3] = 1
+    label_map[2, 0, 0] = 2
+    partial = segment_series_from_labels(ModelId("m", 1), ("bg", "lung", "nodule"),
+                                         ["a", "b", "c"], label_map, spacing,
+                                         measure_components=False)
+    assert partial.component_counts == {}
+    full = with_component_counts(partial)
+    assert full.component_counts == {"lung": 1, "nodule": 1}
+    assert full.volumes_ml == {"lung": 8 * 0.002, "nodule": 0.002}
