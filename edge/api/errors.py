@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from edge.api.auth import AuthenticationError, PermissionDeniedError
 from edge.core import errors
 from edge.jobs.queries import SeriesNotFoundError
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: Exception type -> gRPC code. Order matters only for subclasses (none overlap today).
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (SeriesNotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),

@@ -16,12 +16,14 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from edge.api.auth import AuthInterceptor, TokenStore
 from edge.api.errors import ErrorInterceptor
 from edge.api.inference_service import InferenceServicer
 from edge.api.jobs_service import SERVICE_NAME as JOBS_SERVICE_NAME
 from edge.api.jobs_service import JobsServicer, add_to_server
 from edge.core.config import GrpcSettings
 from edge.core.errors import ConfigError
+from edge.core.tls import grpc_server_credentials
 from edge.protos import POOL, inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -46,15 +48,33 @@ class GrpcEndpoint:
 
 
 class GrpcServer:
-    """Owns the grpc.Server, its health servicer and its thread pool."""
+    """Owns the grpc.Server, its health servicer and its thread pool.
+
+    ``grpc.tls`` makes the port TLS only (mutual TLS with ``require_client_cert``);
+    ``grpc.require_token`` puts :class:`AuthInterceptor` with ``tokens`` in front of every
+    method but ``grpc.public_methods`` (docs/security.md).
+    """
 
     def __init__(self, servicer: InferenceServicer, settings: GrpcSettings,
-                 jobs: JobsServicer | None = None) -> None:
+                 jobs: JobsServicer | None = None, tokens: TokenStore | None = None) -> None:
+        """Build the server; :meth:`start` opens the port.
+
+        Raises:
+            ConfigError: ``grpc.tls`` names a missing or invalid file, or ``require_token``
+                is set without any configured token; the message names the key.
+        """
         limit = settings.max_message_bytes
+        self._credentials = grpc_server_credentials(settings.tls, "grpc.tls")
+        interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor()]
+        if settings.require_token:
+            if not tokens:
+                raise ConfigError("grpc.require_token: no tokens configured (auth.tokens or "
+                                  "auth.tokens_file)")
+            interceptors.append(AuthInterceptor(tokens, settings.public_methods))
         self._pool = ThreadPoolExecutor(max_workers=settings.max_workers,
                                         thread_name_prefix="grpc")
         self._server = grpc.server(
-            self._pool, interceptors=[ErrorInterceptor()],
+            self._pool, interceptors=interceptors,
             maximum_concurrent_rpcs=None,
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
@@ -79,7 +99,8 @@ class GrpcServer:
         """
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound = self._server.add_insecure_port(address)
+            bound = (self._server.add_insecure_port(address) if self._credentials is None
+                     else self._server.add_secure_port(address, self._credentials))
         except RuntimeError as exc:
             raise ConfigError(f"server.grpc_port: cannot bind {address}: {exc}") from exc
         if bound == 0:

@@ -17,6 +17,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from edge.api.auth import TokenStore
 from edge.api.grpc_server import GrpcServer
 from edge.api.http_server import HttpServer
 from edge.api.inference_service import InferenceServicer
@@ -56,7 +57,9 @@ class EdgeServer:
         """``dicom``: also run the DICOM path (listener, orchestrator, deliveries).
 
         Raises:
-            ConfigError: a destination is not AET@HOST:PORT.
+            ConfigError: a destination is not AET@HOST:PORT, a TLS file (``grpc.tls``,
+                ``http.tls``) or the tokens file is missing or invalid, or authentication is
+                required without tokens; the message names the key.
         """
         self.settings = settings
         self.manager = manager if manager is not None else ModelManager(settings)
@@ -68,11 +71,12 @@ class EdgeServer:
         self.listener: DicomListener | None = None
         self._dicom = dicom
         jobs = JobsServicer(lambda: self.orchestrator) if dicom else None
+        tokens = TokenStore.from_settings(settings.auth)
         self._grpc = GrpcServer(InferenceServicer(self.manager, self.counters), settings.grpc,
-                                jobs)
+                                jobs, tokens)
         exporter = MetricsExporter(lambda: model_figures(self.manager, self.counters),
                                    self.counters, extra=self.pipeline_metrics.exposition)
-        self._http = HttpServer(exporter, self.manager.ready)
+        self._http = HttpServer(exporter, self.manager.ready, settings.http, tokens)
         self._stopped = threading.Event()
         self._watchdog: Watchdog | None = None  # systemd (Type=notify, WatchdogSec)
         self.ports: BoundPorts | None = None
@@ -89,7 +93,7 @@ class EdgeServer:
         dicom_port = self._start_dicom() if self._dicom else None
         grpc_endpoint = self._grpc.start(server.bind, server.grpc_port)
         self._grpc.set_serving(True)
-        http_port = self._http.start(server.bind, server.http_port)
+        http_port = self._http.start(self.settings.http.bind or server.bind, server.http_port)
         self.ports = BoundPorts(server.bind, grpc_endpoint.port, http_port, dicom_port)
         self._watchdog = service_ready(lambda: not self._stopped.is_set())
         log.info("serving: grpc %s:%d, http %s:%d, dicom %s", server.bind, grpc_endpoint.port,

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("cryptography", reason="the dev extra's cryptography makes the test PKI")
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
+    if str(_path) not in sys.path:  # tls_material here, model_factory in tests/edge
+        sys.path.insert(0, str(_path))
 
 from tls_material import Pki, make_pki  # noqa: E402
 

@@ -4,11 +4,14 @@ and a client certificate from a second, untrusted CA. Bearer tokens and their sh
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import ipaddress
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -102,3 +105,32 @@ def token_entry(name: str, token: str, *rights: str) -> dict[str, object]:
     """A settings ``auth.tokens`` entry: the token's sha256, never the token."""
     return {"name": name, "sha256": hashlib.sha256(token.encode()).hexdigest(),
             "rights": list(rights)}
+
+
+def write_repository(repo: Path) -> Path:
+    """``add`` and ``spare`` (OUTPUT0 = INPUT0 * 2 + 1 on float32 [batch, 4])."""
+    from model_factory import write_add_scale_repo
+
+    write_add_scale_repo(repo, "add")
+    write_add_scale_repo(repo, "spare")
+    return repo
+
+
+@contextlib.contextmanager
+def edge_server(repo: Path, data: Path, **sections: dict[str, object]) -> Iterator[Any]:
+    """A started in-process EdgeServer (gRPC + HTTP on ephemeral loopback ports) with
+    ``sections`` merged into its settings; stopped on exit."""
+    from edge.api.server import EdgeServer
+    from edge.core.config import load_settings
+
+    settings = load_settings(None, {
+        "server": {"bind": "127.0.0.1", "grpc_port": 0, "http_port": 0, "drain_timeout_s": 2.0,
+                   "model_repository": str(repo), "data_dir": str(data)},
+        "backend": {"providers": ["CPUExecutionProvider"], "intra_op_threads": 1},
+        "repository": {"warmup": False}, **sections}, environ={})
+    server = EdgeServer(settings)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(2.0)
