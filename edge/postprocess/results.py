@@ -103,3 +103,88 @@ class SeriesSegmentation:
     def foreground_labels(self) -> tuple[str, ...]:
         """Labels 1..n: one DICOM segment each, segment number = label index."""
         return self.labels[1:]
+
+
+# -- detection (see docs/detection.md) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in continuous pixel coordinates of the source frame.
+
+    Pixel ``(row, column)`` covers ``[column, column + 1) x [row, row + 1)``, as in COCO; so a box
+    over columns 10..14 has ``x0 = 10`` and ``x1 = 15``, and its centre voxel index is
+    ``(x0 + x1) / 2 - 0.5``.
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float
+    label: str
+
+    def __post_init__(self) -> None:
+        if not (self.x1 >= self.x0 and self.y1 >= self.y0):
+            raise ValueError(f"Box: corners out of order ({self.x0}, {self.y0}, {self.x1}, "
+                             f"{self.y1})")
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+    @property
+    def area(self) -> float:
+        return self.width * self.height
+
+
+@dataclass(frozen=True)
+class SliceDetection:
+    """The boxes found on one instance (one frame), in that frame's geometry."""
+
+    sop_instance_uid: str
+    boxes: tuple[Box, ...] = ()
+
+
+@dataclass(frozen=True)
+class NoduleCandidate:
+    """Boxes on neighbouring slices merged into one 3D finding.
+
+    ``center_voxel`` is (slice, row, column) in voxel index units of the volume (fractional);
+    ``center_mm`` the same point in patient coordinates (LPS, mm; None without frame positions).
+    ``slice_range`` is inclusive, in volume order. ``diameter_mm`` is the long axis of the
+    largest box. ``boxes`` pairs each slice index with its box.
+    """
+
+    label: str
+    score: float
+    center_voxel: tuple[float, float, float]
+    center_mm: tuple[float, float, float] | None
+    diameter_mm: float
+    slice_range: tuple[int, int]
+    boxes: tuple[tuple[int, Box], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.slice_range[0] > self.slice_range[1]:
+            raise ValueError(f"NoduleCandidate.slice_range {self.slice_range} is reversed")
+
+
+@dataclass(frozen=True)
+class SeriesDetection:
+    """A detector's findings on one series: per-slice boxes and the merged 3D candidates."""
+
+    model: ModelId
+    labels: tuple[str, ...]
+    candidates: tuple[NoduleCandidate, ...]  # by decreasing score
+    slices: tuple[SliceDetection, ...]  # in volume order
+
+    def __post_init__(self) -> None:
+        known = set(self.labels)
+        for c in self.candidates:
+            if c.label not in known:
+                raise ValueError(f"SeriesDetection: candidate label {c.label!r} is not one of "
+                                 f"{self.labels}")

@@ -1,0 +1,298 @@
+"""Sliding-window inference for inputs larger than a model's window, 2D or 3D, in numpy.
+
+The image (channels first, no batch axis) is cut into windows that overlap by at least
+``overlap`` of the window on each axis, the windows go through the scheduler in batches of up to
+the model's ``max_batch_size`` (several batches in flight, so they are batched like any other
+request), and the outputs are blended with a Gaussian importance map (centre weight 1, sigma =
+``sigma_scale`` x window, as nnU-Net does) so that window borders, where a convolutional model
+sees least context, count least and no seams show. A constant model gives the constant back.
+
+Window starts are spread evenly from 0 to ``size - window`` (nnU-Net), so the last window ends
+at the border and the real overlap is at least the one asked for. An axis shorter than the
+window is padded (``pad_mode``) and the output cropped back. Models whose output is smaller than
+their input by an integer ``output_stride`` (a detector's heads at stride 4) are supported: the
+starts are then multiples of the stride and the map has ``ceil(size / stride)`` cells per axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge.core.types import InferenceRequest, InferenceResponse
+from edge.scheduler.model import ServedModel
+
+TileSubmit = Callable[[np.ndarray], "Future[Any]"]
+"""``submit(batch)``: a batch ``(B, C, *window)`` -> a future of the model's outputs for it, as an
+array, a mapping of output name to array, or an :class:`InferenceResponse`."""
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How to tile: window size per spatial axis (2 or 3), overlap in [0, 1), blending.
+
+    ``max_batch`` 0 takes the model's ``max_batch_size`` (1 for a plain callable).
+    ``max_in_flight`` bounds the batches queued at once (memory and the scheduler's queue bound).
+    """
+
+    size: tuple[int, ...]
+    overlap: float = 0.25
+    blend: str = "gaussian"  # or "constant"
+    sigma_scale: float = 0.125
+    pad_mode: str = "constant"  # numpy.pad mode for axes shorter than the window
+    pad_value: float = 0.0
+    output_stride: int = 1
+    max_batch: int = 0
+    max_in_flight: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        if len(self.size) not in (2, 3) or min(self.size) <= 0:
+            raise ValueError(f"WindowSpec.size must be 2 or 3 positive ints, got {self.size}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"WindowSpec.overlap must lie in [0, 1), got {self.overlap}")
+        if self.blend not in ("gaussian", "constant"):
+            raise ValueError(f"WindowSpec.blend must be gaussian or constant, got {self.blend!r}")
+        if self.sigma_scale <= 0 or self.output_stride < 1 or self.max_in_flight < 1:
+            raise ValueError("WindowSpec: sigma_scale, output_stride and max_in_flight must be "
+                             "positive")
+        if any(s % self.output_stride for s in self.size):
+            raise ValueError(f"WindowSpec.size {self.size} is not a multiple of output_stride "
+                             f"{self.output_stride}")
+
+
+def window_starts(length: int, window: int, overlap: float, stride: int = 1) -> list[int]:
+    """Start offsets along one axis (``length >= window``), evenly spread, multiples of
+    ``stride`` when ``length - window`` is one.
+
+    Raises:
+        ValueError: ``length`` is shorter than ``window``.
+    """
+    if length < window:
+        raise ValueError(f"window_starts: axis of {length} is shorter than the window {window}")
+    span = length - window
+    if span == 0:
+        return [0]
+    step = max(1.0, window * (1.0 - overlap))
+    count = math.ceil(span / step) + 1
+    starts = [round(i * span / (count - 1) / stride) * stride for i in range(count)]
+    return sorted(set(min(s, span) for s in starts))
+
+
+def importance_map(size: Sequence[int], blend: str = "gaussian",
+                   sigma_scale: float = 0.125) -> np.ndarray:
+    """Blending weights of one window, float32, max 1, strictly positive (read-only, cached)."""
+    return _importance_map(tuple(int(n) for n in size), blend, float(sigma_scale))
+
+
+@functools.lru_cache(maxsize=16)
+def _importance_map(size: tuple[int, ...], blend: str, sigma_scale: float) -> np.ndarray:
+    if blend == "constant":
+        weights = np.ones(size, np.float32)
+        weights.flags.writeable = False
+        return weights
+    weights = np.ones((), np.float64)
+    for n in size:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        g = np.exp(-0.5 * (x / (sigma_scale * n)) ** 2)
+        weights = np.multiply.outer(weights, g)
+    weights /= weights.max()
+    out = np.maximum(weights, 1e-6).astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def served_submit(model: ServedModel, input_name: str | None = None, priority: int = 0,
+                  deadline: float | None = None) -> TileSubmit:
+    """A :data:`TileSubmit` that sends each batch to ``model`` as one request.
+
+    Raises:
+        ValueError: the model has several inputs and ``input_name`` is not given.
+    """
+    if input_name is None:
+        if len(model.inputs) != 1:
+            raise ValueError(f"{model.id}: {len(model.inputs)} inputs; name the image input")
+        input_name = model.inputs[0].name
+    name = input_name
+
+    def submit(batch: np.ndarray) -> Future[InferenceResponse]:
+        return model.submit(InferenceRequest(model.id.name, {name: batch},
+                                             version=model.id.version, priority=priority,
+                                             deadline=deadline))
+
+    return submit
+
+
+def _runner(model: ServedModel | TileSubmit, window: WindowSpec) -> tuple[TileSubmit, int]:
+    if isinstance(model, ServedModel):
+        limit = model.max_batch_size if model.max_batch_size > 0 else 1
+        return served_submit(model), window.max_batch or limit
+    return model, window.max_batch or 1
+
+
+def _outputs(result: Any) -> dict[str, np.ndarray]:
+    if isinstance(result, InferenceResponse):
+        return dict(result.outputs)
+    if isinstance(result, Mapping):
+        return dict(result)
+    return {"": np.asarray(result)}
+
+
+def _pad(image: np.ndarray, window: WindowSpec) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Pad short axes to the window (centred) and every axis to a multiple of the stride."""
+    spatial = image.shape[1:]
+    s = window.output_stride
+    target = [max(n, w) for n, w in zip(spatial, window.size, strict=True)]
+    target = [math.ceil(n / s) * s for n in target]
+    before = [(t - n) // 2 // s * s for t, n in zip(target, spatial, strict=True)]
+    if list(spatial) == target:
+        return image, tuple(before)
+    widths = [(0, 0)] + [(b, t - n - b) for b, t, n in zip(before, target, spatial, strict=True)]
+    kwargs: dict[str, Any] = {"constant_values": window.pad_value} \
+        if window.pad_mode == "constant" else {}
+    mode: Any = window.pad_mode  # numpy's stubs want a Literal
+    return np.pad(image, widths, mode=mode, **kwargs), tuple(before)
+
+
+def tile_origins(shape: Sequence[int], window: WindowSpec) -> list[tuple[int, ...]]:
+    """Every window's origin over a (padded) spatial ``shape``, in C order."""
+    per_axis = [window_starts(n, w, window.overlap, window.output_stride)
+                for n, w in zip(shape, window.size, strict=True)]
+    return list(itertools.product(*per_axis))
+
+
+def _batches(image: np.ndarray, origins: list[tuple[int, ...]], window: WindowSpec,
+             batch: int) -> Iterator[tuple[list[tuple[int, ...]], np.ndarray]]:
+    for i in range(0, len(origins), batch):
+        group = origins[i:i + batch]
+        tiles = np.empty((len(group), image.shape[0]) + window.size, image.dtype)
+        for k, origin in enumerate(group):
+            tiles[k] = image[(slice(None),) + tuple(
+                slice(o, o + w) for o, w in zip(origin, window.size, strict=True))]
+        yield group, tiles
+
+
+def sliding_window_outputs(image: np.ndarray, model: ServedModel | TileSubmit,
+                           window: WindowSpec,
+                           outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Blend every output of a dense model over ``image`` ``(C, *spatial)``.
+
+    Returns ``{name: (C_out, *ceil(spatial / stride))}`` float32 for ``outputs`` (default: all;
+    a plain callable returning an array gives the key ``""``).
+
+    Raises:
+        ValueError: ``image`` does not have 1 + len(window.size) axes, or an output's shape is
+            not ``(B, C_out, *window / stride)``.
+        Whatever the model raises (QueueFullError, DeadlineExceededError, BackendError ...): the
+            remaining batches are cancelled.
+    """
+    dims = len(window.size)
+    if image.ndim != dims + 1:
+        raise ValueError(f"sliding window: expected (C, {dims} spatial axes), got {image.shape}")
+    submit, batch = _runner(model, window)
+    padded, before = _pad(image, window)
+    s = window.output_stride
+    out_window = tuple(w // s for w in window.size)
+    weights = importance_map(out_window, window.blend, window.sigma_scale)
+    origins = tile_origins(padded.shape[1:], window)
+    grid = tuple(n // s for n in padded.shape[1:])
+    sums: dict[str, np.ndarray] = {}
+    total = np.zeros(grid, np.float32)
+    in_flight: deque[tuple[list[tuple[int, ...]], Future[Any]]] = deque()
+    pending = _batches(padded, origins, window, batch)
+
+    def accumulate(group: list[tuple[int, ...]], result: Any) -> None:
+        named = _outputs(result)
+        for name in outputs if outputs is not None else named:
+            out = named[name]
+            if out.ndim != dims + 2 or out.shape[0] != len(group) or out.shape[2:] != out_window:
+                raise ValueError(f"sliding window: output {name!r} has shape {out.shape}, "
+                                 f"expected ({len(group)}, C, {', '.join(map(str, out_window))})")
+            acc = sums.setdefault(name, np.zeros((out.shape[1],) + grid, np.float32))
+            scratch = np.empty(out.shape[1:], np.float32)
+            for k, origin in enumerate(group):
+                region = tuple(slice(o // s, o // s + w) for o, w in
+                               zip(origin, out_window, strict=True))
+                np.multiply(out[k], weights, out=scratch)
+                acc[(slice(None),) + region] += scratch
+        for origin in group:
+            total[tuple(slice(o // s, o // s + w) for o, w in
+                        zip(origin, out_window, strict=True))] += weights
+
+    try:
+        for group, tiles in pending:
+            in_flight.append((group, submit(tiles)))
+            if len(in_flight) >= window.max_in_flight:
+                done_group, future = in_flight.popleft()
+                accumulate(done_group, future.result())
+        while in_flight:
+            done_group, future = in_flight.popleft()
+            accumulate(done_group, future.result())
+    finally:
+        for _, future in in_flight:
+            future.cancel()
+    crop = tuple(slice(b // s, b // s + math.ceil(n / s))
+                 for b, n in zip(before, image.shape[1:], strict=True))
+    for acc in sums.values():
+        np.divide(acc, total, out=acc)
+    return {name: acc[(slice(None),) + crop] for name, acc in sums.items()}
+
+
+def sliding_window_inference(image: np.ndarray, model: ServedModel | TileSubmit,
+                             window: WindowSpec, output: str | None = None) -> np.ndarray:
+    """The blended map ``(C_out, *spatial / stride)`` of one output (the only one, or
+    ``output``). Raises as :func:`sliding_window_outputs`, and ValueError when the model has
+    several outputs and ``output`` is not named."""
+    maps = sliding_window_outputs(image, model, window, None if output is None else (output,))
+    if len(maps) != 1:
+        raise ValueError(f"sliding window: outputs {sorted(maps)}; name one")
+    return next(iter(maps.values()))
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Sliding-window time vs the same tile batches sent raw (best of the repeats, seconds)."""
+
+    tiles: int
+    batches: int
+    sliding_s: float
+    raw_s: float
+
+    @property
+    def fraction(self) -> float:
+        """``sliding_s / raw_s - 1``: cutting, padding and blending over the raw compute."""
+        return self.sliding_s / self.raw_s - 1.0
+
+
+def measure_overhead(image: np.ndarray, model: ServedModel | TileSubmit, window: WindowSpec,
+                     repeats: int = 3) -> Overhead:
+    """Time :func:`sliding_window_outputs` against submitting its pre-cut batches the same way
+    (same batch size, same number in flight) and only waiting for the results."""
+    submit, batch = _runner(model, window)
+    padded, _ = _pad(image, window)
+    origins = tile_origins(padded.shape[1:], window)
+    batches = [tiles for _, tiles in _batches(padded, origins, window, batch)]
+    sliding, raw = math.inf, math.inf
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        in_flight: deque[Future[Any]] = deque()
+        for tiles in batches:
+            in_flight.append(submit(tiles))
+            if len(in_flight) >= window.max_in_flight:
+                in_flight.popleft().result()
+        for future in in_flight:
+            future.result()
+        raw = min(raw, time.perf_counter() - start)
+        start = time.perf_counter()
+        sliding_window_outputs(image, model, window)
+        sliding = min(sliding, time.perf_counter() - start)
+    return Overhead(tiles=len(origins), batches=len(batches), sliding_s=sliding, raw_s=raw)
