@@ -10,10 +10,17 @@ Configured in a model's config.pbtxt: ``backend: "remote"`` (or any ONNX model w
 ``remote_url`` parameter, so the same folder is served locally by Triton, which ignores it),
 with the parameters of :meth:`RemoteTarget.from_parameters`.
 
-What leaves the box is the model's input tensors only (no DICOM attributes, no identifiers).
-Scrubbing the pixels themselves (burned-in text) is a later step: it plugs in as an
-:data:`OutboundFilter` given to :class:`RemoteKServeBackend`. The channel is plaintext; TLS and
-credentials come with the server's own TLS work.
+What leaves the box is the model's input tensors, an opaque random request id and allow-listed
+scheduling parameters: no DICOM attributes, no identifiers. Request ids and parameters pass
+through :class:`edge.backends.deidentify.Pseudonymizer` (ids replaced, mapped back on the
+response; UID-shaped values dropped). Scrubbing the pixels themselves (burned-in text) plugs in
+as an :data:`OutboundFilter` given to :class:`RemoteKServeBackend`.
+
+TLS: a ``grpcs://`` URL or ``remote_tls: "true"``, with ``remote_ca_file`` (None: the system
+trust store), ``remote_cert_file`` / ``remote_key_file`` (mutual TLS), ``remote_server_name``
+(the name to check in the remote's certificate when it differs from the URL's host), and
+``remote_token_file`` (a bearer token sent as ``authorization`` metadata on every call).
+Relative paths are relative to the model's folder. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from typing import Any
 import numpy as np
 
 from edge.backends.base import Backend, BackendOptions
-from edge.core.errors import BackendError, RepositoryError
+from edge.backends.deidentify import ParameterValue, Pseudonymizer
+from edge.core.errors import BackendError, ConfigError, InvalidInputError, RepositoryError
+from edge.core.tls import PemMaterial, pem_material
 from edge.core.types import KSERVE_TO_NUMPY, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,39 @@ def _float_param(params: Mapping[str, str], key: str, default: float, path: Path
     return value
 
 
+def _file_param(params: Mapping[str, str], key: str, path: Path) -> Path | None:
+    value = params.get(key, "").strip()
+    if not value:
+        return None
+    return path.parent.parent / value  # relative to the model's folder; absolute stays
+
+
+@dataclass(frozen=True)
+class RemoteTls:
+    """TLS to the remote: files as configured; ``None`` files use grpc's defaults."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str = ""  # "": the URL's host
+
+    def material(self, where: str) -> PemMaterial:
+        """Raises: RepositoryError: a file is missing or invalid; the message names it."""
+        try:
+            return pem_material(self.cert_file, self.key_file, self.ca_file,
+                                f"{where}: parameters['remote_tls']")
+        except ConfigError as exc:
+            raise RepositoryError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    """One remote call's outputs and the caller's own request id, mapped back."""
+
+    id: str
+    outputs: dict[str, np.ndarray]
+
+
 @dataclass(frozen=True)
 class RemoteTarget:
     """Where a model's batches go: ``url`` is ``host:port`` of a KServe v2 gRPC endpoint."""
@@ -64,6 +106,8 @@ class RemoteTarget:
     timeout_s: float = 60.0  # per ModelInfer call
     connect_timeout_s: float = 10.0  # opening: waiting for the server and its metadata
     max_message_bytes: int = 512 * 1024 * 1024
+    tls: RemoteTls | None = None  # None: plaintext
+    token_file: Path | None = None  # bearer token for the remote, read when opened
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], path: Path) -> RemoteTarget:
@@ -71,7 +115,9 @@ class RemoteTarget:
 
         ``remote_url`` (required), ``remote_model_name`` (default: this model's folder name),
         ``remote_model_version`` (default: the remote's choice), ``remote_timeout_s``,
-        ``remote_connect_timeout_s``, ``remote_max_message_bytes``.
+        ``remote_connect_timeout_s``, ``remote_max_message_bytes``; TLS: ``remote_tls``,
+        ``remote_ca_file``, ``remote_cert_file``, ``remote_key_file``, ``remote_server_name``;
+        ``remote_token_file``.
 
         Raises:
             RepositoryError: ``remote_url`` is missing or a value is invalid; names the key.
@@ -80,10 +126,20 @@ class RemoteTarget:
         if not url:
             raise RepositoryError(f"{path}: parameters['remote_url']: required for a remote "
                                   "model (host:port of a KServe v2 gRPC endpoint)")
-        for scheme in ("grpc://", "http://"):
+        secure = url.startswith(("grpcs://", "https://"))
+        for scheme in ("grpc://", "http://", "grpcs://", "https://"):
             url = url.removeprefix(scheme)
-        if url.startswith("https://") or url.startswith("grpcs://"):
-            raise RepositoryError(f"{path}: parameters['remote_url']: TLS is not supported yet")
+        flag = params.get("remote_tls", "").strip().lower()
+        if flag not in ("", "true", "false"):
+            raise RepositoryError(f"{path}: parameters['remote_tls']: true or false")
+        secure = secure or flag == "true"
+        cert, key = (_file_param(params, "remote_cert_file", path),
+                     _file_param(params, "remote_key_file", path))
+        if (cert is None) != (key is None):
+            raise RepositoryError(f"{path}: parameters['remote_cert_file'] and "
+                                  "['remote_key_file'] go together (a client certificate)")
+        tls = RemoteTls(_file_param(params, "remote_ca_file", path), cert, key,
+                        params.get("remote_server_name", "").strip()) if secure else None
         try:
             max_bytes = int(params.get("remote_max_message_bytes", cls.max_message_bytes))
         except ValueError as exc:
@@ -94,7 +150,8 @@ class RemoteTarget:
                    timeout_s=_float_param(params, "remote_timeout_s", cls.timeout_s, path),
                    connect_timeout_s=_float_param(params, "remote_connect_timeout_s",
                                                   cls.connect_timeout_s, path),
-                   max_message_bytes=max_bytes)
+                   max_message_bytes=max_bytes, tls=tls,
+                   token_file=_file_param(params, "remote_token_file", path))
 
 
 def _specs(tensors: Any, batched: bool, where: str) -> tuple[TensorSpec, ...]:
@@ -142,7 +199,8 @@ class RemoteKServeBackend(Backend):
     """
 
     def __init__(self, target: RemoteTarget, options: BackendOptions | None = None,
-                 outbound: OutboundFilter | None = None) -> None:
+                 outbound: OutboundFilter | None = None,
+                 pseudonymizer: Pseudonymizer | None = None) -> None:
         super().__init__()
         import grpc  # grpc and the stubs only when a remote model is opened
 
@@ -153,21 +211,21 @@ class RemoteKServeBackend(Backend):
         self._pb = pb
         self.target = target
         self._outbound = outbound
+        self.pseudonymizer = pseudonymizer if pseudonymizer is not None else Pseudonymizer()
         self._where = f"remote {target.url} model {target.model!r}"
-        size = target.max_message_bytes
-        self._channel = grpc.insecure_channel(target.url, options=[
-            ("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)])
+        self._metadata = self._bearer(target)
+        self._channel = self._open_channel(target)
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._infer = stub.ModelInfer
         try:
             ready = stub.ModelReady(
                 pb.ModelReadyRequest(name=target.model, version=target.version),
-                timeout=target.connect_timeout_s, wait_for_ready=True)
+                timeout=target.connect_timeout_s, wait_for_ready=True, metadata=self._metadata)
             if not ready.ready:
                 raise BackendError(f"{self._where}: not ready on the remote server")
             meta = stub.ModelMetadata(
                 pb.ModelMetadataRequest(name=target.model, version=target.version),
-                timeout=target.connect_timeout_s)
+                timeout=target.connect_timeout_s, metadata=self._metadata)
             batched = (options or BackendOptions()).batched
             self.inputs = _specs(meta.inputs, batched, self._where)
             self.outputs = _specs(meta.outputs, batched, self._where)
@@ -182,9 +240,42 @@ class RemoteKServeBackend(Backend):
         log.info("%s: opened, %d inputs, %d outputs", self._where, len(self.inputs),
                  len(self.outputs))
 
-    def _request(self, inputs: Mapping[str, np.ndarray]) -> Any:
+    def _bearer(self, target: RemoteTarget) -> tuple[tuple[str, str], ...]:
+        if target.token_file is None:
+            return ()
+        try:
+            token = target.token_file.read_text().strip()
+        except OSError as exc:
+            raise RepositoryError(f"{self._where}: parameters['remote_token_file']: "
+                                  f"{target.token_file}: cannot read: {exc.strerror}") from exc
+        if not token:
+            raise RepositoryError(f"{self._where}: parameters['remote_token_file']: "
+                                  f"{target.token_file} is empty")
+        return (("authorization", f"Bearer {token}"),)
+
+    def _open_channel(self, target: RemoteTarget) -> Any:
+        size = target.max_message_bytes
+        options: list[tuple[str, Any]] = [("grpc.max_send_message_length", size),
+                                          ("grpc.max_receive_message_length", size)]
+        if target.tls is None:
+            return self._grpc.insecure_channel(target.url, options=options)
+        pem = target.tls.material(self._where)
+        if target.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", target.tls.server_name))
+        credentials = self._grpc.ssl_channel_credentials(
+            root_certificates=pem.root_certificates, private_key=pem.private_key,
+            certificate_chain=pem.cert_chain)
+        return self._grpc.secure_channel(target.url, credentials, options=options)
+
+    def _request(self, inputs: Mapping[str, np.ndarray], request_id: str,
+                 parameters: Mapping[str, ParameterValue]) -> Any:
         request = self._pb.ModelInferRequest(model_name=self.target.model,
-                                             model_version=self.target.version)
+                                             model_version=self.target.version, id=request_id)
+        for key, value in parameters.items():
+            field = ("bool_param" if isinstance(value, bool) else "int64_param"
+                     if isinstance(value, int) else "double_param" if isinstance(value, float)
+                     else "string_param")
+            setattr(request.parameters[key], field, value)
         for spec in self.inputs:
             array = np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype.newbyteorder("<"))
             request.inputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
@@ -195,13 +286,41 @@ class RemoteKServeBackend(Backend):
 
     def _infer_impl(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One ModelInfer call. Raises BackendError naming the URL on any RPC failure."""
+        return self._call(inputs, "", {}).outputs
+
+    def infer_request(self, inputs: Mapping[str, np.ndarray], request_id: str,
+                      parameters: Mapping[str, ParameterValue] | None = None) -> RemoteResult:
+        """One ModelInfer call carrying a request id and parameters, de-identified on the way
+        out (:class:`Pseudonymizer`) and mapped back on the way in.
+
+        Raises:
+            BackendError: closed, an RPC failure, or a response for another request id.
+            InvalidInputError: an input is missing or unknown.
+        """
+        if self.closed:
+            raise BackendError(f"{self._where}: infer_request() after close()")
+        expected = {s.name for s in self.inputs}
+        if set(inputs) != expected:
+            raise InvalidInputError(f"inputs: missing {sorted(expected - set(inputs))}, "
+                                    f"unknown {sorted(set(inputs) - expected)}")
+        return self._call(inputs, request_id, parameters or {})
+
+    def _call(self, inputs: Mapping[str, np.ndarray], request_id: str,
+              parameters: Mapping[str, ParameterValue]) -> RemoteResult:
         if self._outbound is not None:
             inputs = self._outbound(inputs)
+        sent = self.pseudonymizer.outbound(request_id, parameters)
         try:
-            response = self._infer(self._request(inputs), timeout=self.target.timeout_s)
+            response = self._infer(self._request(inputs, sent.id, sent.parameters),
+                                   timeout=self.target.timeout_s, metadata=self._metadata)
         except self._grpc.RpcError as exc:
+            self.pseudonymizer.forget(sent.id)
             raise BackendError(f"{self._where}: ModelInfer: {exc.code().name}: "
                                f"{exc.details()}") from exc
+        if response.id and response.id != sent.id:
+            self.pseudonymizer.forget(sent.id)
+            raise BackendError(f"{self._where}: ModelInfer answered for another request id")
+        original = self.pseudonymizer.inbound(sent.id)  # the remote may leave the id empty
         raw = list(response.raw_output_contents)
         results: dict[str, np.ndarray] = {}
         for index, tensor in enumerate(response.outputs):
@@ -210,7 +329,7 @@ class RemoteKServeBackend(Backend):
         missing = [n for n in self._output_names if n not in results]
         if missing:
             raise BackendError(f"{self._where}: response lacks outputs {missing}")
-        return results
+        return RemoteResult(original, results)
 
     def _close_impl(self) -> None:
         self._channel.close()
