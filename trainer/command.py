@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
             state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
             finish(state, data, repo=args.repo, name=args.model, work_dir=work_dir,
                    threshold=args.threshold, atol=args.parity_atol, rtol=args.parity_rtol,
-                   max_batch_size=args.max_batch_size, train_seconds=result.seconds)
+                   max_batch_size=args.max_batch_size, train_seconds=result.seconds,
+                   history=result.history)
         distributed.barrier(ctx)
     except MededgeError as exc:
         log.error("%s", exc)

@@ -76,10 +76,12 @@ def _evaluate(task: str, model: Any, data: SliceSet, labels: tuple[str, ...],
 def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work_dir: Path,
            threshold: float | None = None, atol: float = 1e-4, rtol: float = 1e-4,
            max_batch_size: int = 8, train_seconds: float | None = None,
-           external_data_threshold: int | None = None) -> int:
+           external_data_threshold: int | None = None,
+           history: list[dict[str, float]] | None = None) -> int:
     """Evaluate ``state``'s model, write ``work_dir/report``, export, check parity, publish.
 
-    Returns the published version.
+    ``history`` is the whole run's per-epoch record (a best checkpoint only holds the epochs up
+    to itself). Returns the published version.
 
     Raises:
         ExportError: export failed or ONNX Runtime disagrees with torch beyond tolerance.
@@ -102,7 +104,7 @@ def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work
     held: SliceSet = extra["held"]
     out = work_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    history = list(state.get("history", []))
+    history = list(history if history is not None else state.get("history", []))
     primary = "auc" if task == "classify" else "dice_mean"
     if history:
         rp.plot_learning_curves(history, primary, out / "learning_curves.png")
@@ -158,12 +160,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
     spec = PreprocessSpec.from_dict(state["preprocess"])
     args.task = state["task"]
+    last = args.checkpoint.resolve().parent / "last.pt"
+    history = None
+    if last.is_file() and last != args.checkpoint.resolve():
+        history = torch.load(last, map_location="cpu", weights_only=False).get("history")
     try:
         data = prepare_data(args, spec)
         finish(state, data, repo=args.repo, name=args.model,
                work_dir=args.work_dir or args.checkpoint.resolve().parent,
                threshold=args.threshold, atol=args.parity_atol, rtol=args.parity_rtol,
-               max_batch_size=args.max_batch_size)
+               max_batch_size=args.max_batch_size, history=history)
     except ExportError as exc:
         log.error("export failed: %s", exc)
         return 1
