@@ -17,6 +17,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import pydicom.config
+
 from edge.api.auth import TokenStore
 from edge.api.grpc_server import GrpcServer
 from edge.api.http_server import HttpServer
@@ -89,6 +91,9 @@ class EdgeServer:
             RepositoryError: the repository cannot be read.
         """
         server = self.settings.server
+        # pydicom's warnings on invalid values quote the value: a malformed Patient's Name or a
+        # UID carrying one would reach the log. Our own validation names the attribute only.
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         self.manager.start()
         dicom_port = self._start_dicom() if self._dicom else None
         grpc_endpoint = self._grpc.start(server.bind, server.grpc_port)
