@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 WORK ?= work
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench proto lint clean
+.PHONY: install demo test bench venv-triton proto lint clean
 
 install: $(VENV)/.installed
 
@@ -38,7 +38,26 @@ demo: install
 	$(VENV)/bin/mededge train segment --data $(WORK)/data --repo $(WORK)/models --model lung_seg
 	$(VENV)/bin/mededge models --repo $(WORK)/models
 
-bench: install
+# The Triton reference of `make bench`: nvidia-pytriton needs numpy<2 (under numpy 2 its Python
+# backend answers with empty outputs), so it gets its own venv, with the same onnxruntime version
+# as $(VENV) where pip has one for numpy 1 (else 1.20-1.22). A failed build does not stop
+# `make bench`: it reports Triton as unavailable, with the reason.
+TRITON_VENV ?= .venv-triton
+TRITON_PKGS := "numpy<2" nvidia-pytriton onnx "tritonclient[grpc]"
+
+venv-triton: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed: | $(VENV)/.installed
+	@ort=$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)'); \
+	tpy=$(TRITON_VENV)/bin/python; \
+	{ test -x $$tpy || $(PYTHON) -m venv $(TRITON_VENV); } && \
+	$$tpy -m pip install -q --upgrade pip && \
+	{ $$tpy -m pip install -q $(TRITON_PKGS) "onnxruntime==$$ort" || \
+	  $$tpy -m pip install -q $(TRITON_PKGS) "onnxruntime>=1.20,<1.23"; } && \
+	$$tpy -c 'import numpy, onnxruntime, pytriton; assert numpy.__version__ < "2"' && \
+	touch $@ || echo "venv-triton: could not build $(TRITON_VENV); make bench reports Triton as unavailable"
+
+bench: install venv-triton
 	$(VENV)/bin/mededge bench serve --work $(WORK)/bench
 
 clean:

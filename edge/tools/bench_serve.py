@@ -1,11 +1,18 @@
 """``mededge bench serve``: mededge vs raw ONNX Runtime vs Triton, measured side by side.
 
-For each model: raw ONNX Runtime in this process (the reference), then ``mededge serve`` and
-Triton (the server bundled in ``nvidia-pytriton``, serving the same ONNX Runtime session from
-Python) as subprocesses, driven by client *processes* (so the clients do not share the GIL
-with each other). Reported: batch-1 latency from one client (p50, p99, added p50 over raw),
-and throughput with N concurrent clients as a ratio of raw ONNX Runtime's. Triton that cannot
-start is reported as unavailable.
+Per model, in rounds whose order rotates (raw, mededge, Triton; mededge, Triton, raw; ...):
+
+- raw ONNX Runtime in this process, the reference: one ``InferenceSession`` with the same
+  options as the servers (intra-op ``threads``, inter-op 1, ORT_ENABLE_ALL, CPU), back-to-back
+  ``session.run`` from one thread, at batch 1 (latency and throughput) and at the servers'
+  ``max_batch_size`` (throughput: the most a dynamic batcher could gain by stacking);
+- ``mededge serve`` and Triton (pytriton's, from ``.venv-triton``, see ``bench_triton``), both
+  with ``max_batch_size`` 8 and a dynamic batcher without queue delay, driven by tritonclient
+  gRPC clients in separate *processes* (their GIL is not the server's): one client for batch-1
+  latency, ``clients`` clients for throughput.
+
+Both servers' answers are checked against raw ONNX Runtime's before any timing. Figures are
+medians over the rounds; the load average of the machine is recorded with them.
 """
 
 from __future__ import annotations
@@ -17,18 +24,34 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from edge.tools.bench_models import resnet18, unet2d, write_model
+from edge.tools.bench_triton import (
+    TRITON_SCRIPT,
+    OutputMismatch,
+    TritonServer,
+    TritonUnavailable,
+    check_outputs,
+    start_triton,
+    stop_group,
+)
+
+__all__ = ["MODELS", "TRITON_SCRIPT", "main", "markdown", "run_bench"]
 
 log = logging.getLogger(__name__)
 PORT_LINE = re.compile(r"^mededge: grpc listening on [\d.]+:(\d+)$")
+MAX_BATCH = 8
+#: Appended to the bench models' config.pbtxt: the same batching as Triton's bench config.
+DYNAMIC_BATCHING = "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
+RAW, MEDEDGE, TRITON = "onnxruntime (raw)", "mededge", "triton (pytriton)"
 
 
 @dataclass(frozen=True)
@@ -41,18 +64,27 @@ class BenchModel:
 
 @dataclass(frozen=True)
 class Result:
-    """One system on one model; None where it was not measured."""
+    """One system on one model (one round, or the median of rounds); None: not measured.
+
+    For raw ONNX Runtime, ``throughput`` is back-to-back batch-1 runs and ``throughput_max``
+    back-to-back runs at ``max_batch``; for a server, ``throughput`` is with N clients and
+    ``mean_batch`` the batch size its scheduler formed meanwhile.
+    """
 
     model: str
     system: str
     p50_ms: float | None = None
     p99_ms: float | None = None
-    throughput: float | None = None  # items per second with N clients
+    throughput: float | None = None
+    throughput_max: float | None = None
+    mean_batch: float | None = None
     note: str = ""
 
 
-MODELS = {"resnet18": (resnet18, BenchModel("resnet18", "input", "logits", (3, 224, 224))),
-          "unet2d": (unet2d, BenchModel("unet2d", "image", "logits", (1, 256, 256)))}
+#: name -> (its builder in edge.tools.bench_models, its tensors)
+MODELS: dict[str, tuple[str, BenchModel]] = {
+    "resnet18": ("resnet18", BenchModel("resnet18", "input", "logits", (3, 224, 224))),
+    "unet2d": ("unet2d", BenchModel("unet2d", "image", "logits", (1, 256, 256)))}
 
 
 def _percentiles(latencies: list[float]) -> tuple[float, float]:
@@ -62,46 +94,45 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
 
 # --- raw ONNX Runtime ---------------------------------------------------------------------
 
-def _session(path: Path, threads: int):  # -> ort.InferenceSession
+def session(path: Path, threads: int) -> Any:
+    """An ``InferenceSession`` with the session options every system in the bench uses."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def bench_raw(path: Path, spec: BenchModel, batch: int, seconds: float,
-              threads: int) -> Result:
-    session = _session(path, threads)
-    x = np.random.default_rng(0).random((batch, *spec.shape), dtype=np.float32)
-    feed = {spec.input: x}
-    for _ in range(3):
-        session.run(None, feed)
+def _back_to_back(run: Callable[[], object], seconds: float) -> list[float]:
+    for _ in range(2):
+        run()
     latencies: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
-        session.run(None, feed)
+        run()
         latencies.append(time.perf_counter() - t)
+    return latencies
+
+
+def bench_raw(sess: Any, spec: BenchModel, seconds: float, max_batch: int) -> Result:
+    """Batch-1 latency and throughput, and throughput at ``max_batch``, from one thread."""
+    rng = np.random.default_rng(0)
+    one = {spec.input: rng.random((1, *spec.shape), dtype=np.float32)}
+    many = {spec.input: rng.random((max_batch, *spec.shape), dtype=np.float32)}
+    latencies = _back_to_back(lambda: sess.run(None, one), seconds)
     p50, p99 = _percentiles(latencies)
-    # Throughput reference: back-to-back runs at the same batch size (what the scheduler's one
-    # execution at a time can at best achieve); ONNX Runtime uses every core inside a run.
-    batch_feed = {spec.input: np.random.default_rng(1).random((batch, *spec.shape),
-                                                                dtype=np.float32)}
-    items = 0
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        session.run(None, batch_feed)
-        items += batch
-    return Result(spec.name, "onnxruntime (raw)", p50, p99,
-                  items / (time.perf_counter() - start))
+    full = _back_to_back(lambda: sess.run(None, many), seconds)
+    return Result(spec.name, RAW, p50, p99, len(latencies) / sum(latencies),
+                  len(full) * max_batch / sum(full), float(max_batch))
 
 
 # --- gRPC clients in processes --------------------------------------------------------------
 
 def _client(url: str, spec: BenchModel, batch: int, start_at: float, seconds: float,
-            out: mp.Queue) -> None:
+            out: Any) -> None:
     from edge.tools.triton_client import grpcclient
 
     client_mod = grpcclient()
@@ -125,179 +156,269 @@ def drive(url: str, spec: BenchModel, batch: int, clients: int, seconds: float
           ) -> tuple[list[float], float]:
     """Run ``clients`` client processes for ``seconds``; (all latencies, items per second)."""
     ctx = mp.get_context("spawn")
-    out: mp.Queue = ctx.Queue()
-    start_at = time.time() + 3.0 + 0.3 * clients  # time for the processes to import and warm
+    out: Any = ctx.Queue()
+    start_at = time.time() + 4.0 + 0.5 * clients  # time for the processes to import and warm
     procs = [ctx.Process(target=_client, args=(url, spec, batch, start_at, seconds, out))
              for _ in range(clients)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=seconds + 120) for _ in procs]
-    for p in procs:
-        p.join(10)
+    try:
+        results = [out.get(timeout=seconds + 180) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
     latencies = [v for r in results for v in r]
     return latencies, len(latencies) * batch / seconds
 
 
+def _batch_counts(client: Any, name: str) -> tuple[int, int] | None:
+    """(inference_count, execution_count) from ModelStatistics; None where the server does
+    not answer it (pytriton's Triton restricts that protocol to an access token)."""
+    try:
+        stats = client.get_inference_statistics(name, as_json=True)["model_stats"]
+    except Exception as exc:  # tritonclient's InferenceServerException, unimportable here
+        log.debug("%s: no statistics: %s", name, exc)
+        return None
+    return (sum(int(s.get("inference_count", 0)) for s in stats),
+            sum(int(s.get("execution_count", 0)) for s in stats))
+
+
 def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: int,
                  seconds: float) -> Result:
+    from edge.tools.triton_client import grpcclient
+
+    client = grpcclient().InferenceServerClient(url)
     one, _ = drive(url, spec, 1, 1, seconds)
     p50, p99 = _percentiles(one)
+    before = _batch_counts(client, spec.name)
     _, throughput = drive(url, spec, batch, clients, seconds)
-    return Result(spec.name, system, p50, p99, throughput)
+    after = _batch_counts(client, spec.name)
+    mean_batch = None
+    if before is not None and after is not None and after[1] > before[1]:
+        mean_batch = (after[0] - before[0]) / (after[1] - before[1])
+    client.close()
+    return Result(spec.name, system, p50, p99, throughput, mean_batch=mean_batch)
+
+
+def verify_server(system: str, url: str, spec: BenchModel, sess: Any) -> None:
+    """Batch 1 and batch 3 through the server must equal raw ONNX Runtime's outputs.
+
+    Raises:
+        OutputMismatch: empty, missing or different outputs.
+    """
+    from edge.tools.triton_client import grpcclient
+
+    client_mod = grpcclient()
+    client = client_mod.InferenceServerClient(url)
+
+    def infer(x: np.ndarray) -> np.ndarray | None:
+        inp = client_mod.InferInput(spec.input, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        try:
+            result = client.infer(spec.name, [inp])
+            return result.as_numpy(spec.output)
+        except Exception as exc:  # tritonclient fails in several ways on empty bytes
+            raise OutputMismatch(f"{system}: unreadable answer: {exc}") from exc
+
+    try:
+        for batch in (1, 3):
+            x = np.random.default_rng(batch).random((batch, *spec.shape), dtype=np.float32)
+            expected = sess.run([spec.output], {spec.input: x})[0]
+            check_outputs(system, infer, x, expected)
+    finally:
+        client.close()
 
 
 # --- servers ----------------------------------------------------------------------------------
 
 def start_mededge(repo: Path, work: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    """``mededge serve`` on an ephemeral port, in its own process group.
+
+    Raises:
+        RuntimeError: it exited before printing its port.
+    """
     env = dict(os.environ, MEDEDGE_BACKEND__PROVIDERS="[CPUExecutionProvider]",
-               MEDEDGE_BACKEND__INTRA_OP_THREADS=str(threads))
+               MEDEDGE_BACKEND__INTRA_OP_THREADS=str(threads),
+               MEDEDGE_BACKEND__INTER_OP_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge.cli", "serve", "--model-repository", str(repo),
          "--data-dir", str(work / "data"), "--bind", "127.0.0.1", "--grpc-port", "0",
          "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=env)
+        env=env, start_new_session=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         match = PORT_LINE.match(line.strip())
         if match:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, f"127.0.0.1:{match.group(1)}"
     raise RuntimeError(f"mededge serve exited with {proc.wait()}")
-
-
-TRITON_SCRIPT = """
-import sys, numpy as np, onnxruntime as ort
-from pytriton.decorators import batch
-from pytriton.model_config import ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
-path, name, inp, out, threads, port = sys.argv[1:7]
-so = ort.SessionOptions(); so.intra_op_num_threads = int(threads)
-session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-dims = __import__("onnx").load(path).graph.input[0].type.tensor_type.shape.dim[1:]
-shape = tuple(d.dim_value for d in dims)
-@batch
-def infer(**inputs):
-    return {out: session.run([out], {inp: inputs[inp]})[0]}
-config = TritonConfig(grpc_port=int(port), http_port=int(port) + 1, metrics_port=int(port) + 2)
-with Triton(config=config) as triton:
-    triton.bind(model_name=name, infer_func=infer,
-                inputs=[Tensor(name=inp, dtype=np.float32, shape=shape)],
-                outputs=[Tensor(name=out, dtype=np.float32, shape=(-1,))],
-                config=ModelConfig(max_batch_size=8))
-    print("triton ready", flush=True)
-    triton.serve()
-"""
-
-
-def start_triton(path: Path, spec: BenchModel, threads: int, port: int
-                 ) -> tuple[subprocess.Popen, str]:
-    """Triton via pytriton in a subprocess. Raises RuntimeError when it cannot start."""
-    env = dict(os.environ)
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH"))
-                                             if p)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TRITON_SCRIPT, str(path), spec.name, spec.input, spec.output,
-         str(threads), str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env)
-    assert proc.stdout is not None
-    tail: list[str] = []
-    for line in proc.stdout:
-        tail = (tail + [line])[-20:]
-        if line.startswith("triton ready"):
-            threading.Thread(target=lambda: [None for _ in proc.stdout or ()],  # drain
-                             daemon=True).start()
-            return proc, f"127.0.0.1:{port}"
-    proc.wait()
-    raise RuntimeError("Triton did not start: " + "".join(tail)[-600:])
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 # --- the run ----------------------------------------------------------------------------------
 
 def _median(rows: list[Result]) -> Result:
+    def med(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return float(np.median(present)) if present else None
+
     first = rows[0]
-    return Result(first.model, first.system,
-                  float(np.median([r.p50_ms for r in rows])),
-                  float(np.median([r.p99_ms for r in rows])),
-                  float(np.median([r.throughput for r in rows])),
-                  f"median of {len(rows)} rounds")
+    return Result(first.model, first.system, med([r.p50_ms for r in rows]),
+                  med([r.p99_ms for r in rows]), med([r.throughput for r in rows]),
+                  med([r.throughput_max for r in rows]), med([r.mean_batch for r in rows]),
+                  first.note)
+
+
+def _write_models(repo: Path, names: list[str]) -> list[tuple[Path, BenchModel]]:
+    from edge.tools import bench_models
+
+    specs = []
+    for name in names:
+        builder, spec = MODELS[name]
+        path = bench_models.write_model(repo, name, getattr(bench_models, builder)(),
+                                        max_batch=MAX_BATCH)
+        config = repo / name / "config.pbtxt"
+        config.write_text(config.read_text() + DYNAMIC_BATCHING)
+        specs.append((path, spec))
+    return specs
+
+
+def _start_reference(venv: Path, path: Path, spec: BenchModel, threads: int, work: Path,
+                     sess: Any) -> tuple[TritonServer | None, str]:
+    """Triton for one model, checked against raw outputs; (server or None, note)."""
+    try:
+        server = start_triton(venv, path, spec.name, spec.input, spec.output, threads,
+                              MAX_BATCH, work / "triton" / spec.name)
+    except (TritonUnavailable, OSError) as exc:
+        log.warning("Triton unavailable: %s", exc)
+        return None, f"unavailable: {exc}"
+    try:
+        verify_server(TRITON, server.url, spec, sess)
+    except OutputMismatch as exc:
+        server.stop()
+        log.error("Triton FAILED the output check: %s", exc)
+        return None, f"FAILED output check, not timed: {exc}"
+    return server, server.note
+
+
+def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: int,
+                 seconds: float, threads: int, triton: Path | None, rounds: int, work: Path,
+                 loads: list[float]) -> list[Result]:
+    """Raw, mededge and Triton on one model, in rounds of rotating order; the medians.
+
+    Raises:
+        OutputMismatch: mededge's answers differ from raw ONNX Runtime's.
+    """
+    sess = session(path, threads)
+    verify_server(MEDEDGE, url, spec, sess)
+    server, note = (None, "skipped (--no-triton)") if triton is None else \
+        _start_reference(triton, path, spec, threads, work, sess)
+    measures: dict[str, Callable[[], Result]] = {
+        RAW: partial(bench_raw, sess, spec, seconds, MAX_BATCH),
+        MEDEDGE: partial(bench_server, MEDEDGE, url, spec, batch, clients, seconds)}
+    if server is not None:
+        measures[TRITON] = partial(bench_server, TRITON, server.url, spec, batch, clients,
+                                   seconds)
+    rows: dict[str, list[Result]] = {name: [] for name in measures}
+    order = list(measures)
+    try:
+        for round_ in range(rounds):
+            log.info("bench %s: round %d/%d", spec.name, round_ + 1, rounds)
+            loads.append(os.getloadavg()[0])
+            for name in order[round_ % len(order):] + order[:round_ % len(order)]:
+                rows[name].append(measures[name]())
+        loads.append(os.getloadavg()[0])
+    finally:
+        if server is not None:
+            server.stop()
+    return [_median(rows[RAW]), _median(rows[MEDEDGE]),
+            replace(_median(rows[TRITON]), note=note) if server is not None
+            else Result(spec.name, TRITON, note=note)]
 
 
 def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: float,
-              threads: int, triton: bool, rounds: int = 3) -> list[Result]:
-    """Build the models under ``work/repo`` and measure every system in interleaved rounds
-    (raw, mededge, Triton, raw, ...) so that load from elsewhere on the machine hits all three
-    alike; each figure is the median over the rounds."""
-    repo = work / "repo"
+              threads: int, triton: Path | None, rounds: int = 3) -> tuple[list[Result], str]:
+    """Measure every model; (median results, load note). ``triton``: the Triton venv or None.
+
+    Raises:
+        OutputMismatch: mededge's answers differ from raw ONNX Runtime's.
+    """
+    specs = _write_models(work / "repo", models)
     results: list[Result] = []
-    specs = []
-    for name in models:
-        build, spec = MODELS[name]
-        specs.append((write_model(repo, name, build()), spec))
-    proc, url = start_mededge(repo, work, threads)
+    loads: list[float] = []
+    proc, url = start_mededge(work / "repo", work, threads)
     try:
-        for index, (path, spec) in enumerate(specs):
-            tproc, turl, note = None, "", "skipped"
-            if triton:
-                try:
-                    tproc, turl = start_triton(path, spec, threads, 18001 + 10 * index)
-                except (RuntimeError, OSError) as exc:
-                    note = f"unavailable: {str(exc).splitlines()[0][:120]}"
-            rows: dict[str, list[Result]] = {"raw": [], "mededge": [], "triton": []}
-            try:
-                for round_ in range(rounds):
-                    log.info("bench %s: round %d/%d", spec.name, round_ + 1, rounds)
-                    rows["raw"].append(bench_raw(path, spec, batch, seconds, threads))
-                    rows["mededge"].append(
-                        bench_server("mededge", url, spec, batch, clients, seconds))
-                    if tproc is not None:
-                        rows["triton"].append(bench_server(
-                            "triton (pytriton)", turl, spec, batch, clients, seconds))
-            finally:
-                if tproc is not None:
-                    _stop(tproc)
-            results += [_median(rows["raw"]), _median(rows["mededge"])]
-            results.append(_median(rows["triton"]) if rows["triton"]
-                           else Result(spec.name, "triton (pytriton)", note=note))
+        for path, spec in specs:
+            results += _bench_model(path, spec, url, batch, clients, seconds, threads, triton,
+                                    rounds, work, loads)
     finally:
-        _stop(proc)
-    return results
+        stop_group(proc)
+    load = (f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run"
+            if loads else "")
+    return results, load
 
 
 def markdown(results: list[Result], batch: int, clients: int) -> str:
-    """The results as a markdown table with ratios against raw ONNX Runtime."""
-    raw = {r.model: r for r in results if r.system.startswith("onnxruntime")}
-    lines = [f"| model | system | b1 p50 ms | b1 p99 ms | p50 added ms | "
-             f"{clients} clients x b{batch} items/s | vs raw |", "|---" * 7 + "|"]
+    """The results as a markdown table with ratios against raw ONNX Runtime.
+
+    "vs raw" divides a server's throughput by the *better* of raw's batch-1 and
+    max-batch back-to-back throughputs; "added" is the server's batch-1 p50 minus raw's.
+    """
+    raw = {r.model: r for r in results if r.system == RAW}
+    lines = [f"| model | system | b1 p50 ms | b1 p99 ms | added p50 ms | {clients} clients "
+             f"x b{batch} items/s | mean batch | vs raw |", "|---" * 8 + "|"]
     for r in results:
         ref = raw.get(r.model)
-        if r.p50_ms is None:
-            lines.append(f"| {r.model} | {r.system} | - | - | - | - | {r.note} |")
+        if r.p50_ms is None or r.p99_ms is None or r.throughput is None:
+            lines.append(f"| {r.model} | {r.system} | - | - | - | - | - | {r.note} |")
+            continue
+        if r.system == RAW:
+            lines.append(f"| {r.model} | {RAW}, b1 | {r.p50_ms:.2f} | {r.p99_ms:.2f} | - | "
+                         f"{r.throughput:.1f} | 1 | reference |")
+            lines.append(f"| {r.model} | {RAW}, b{MAX_BATCH} | - | - | - | "
+                         f"{r.throughput_max or 0:.1f} | {MAX_BATCH} | reference |")
             continue
         added = r.p50_ms - ref.p50_ms if ref and ref.p50_ms is not None else 0.0
-        ratio = r.throughput / ref.throughput if ref and ref.throughput else 0.0
+        best = max(ref.throughput or 0.0, ref.throughput_max or 0.0) if ref else 0.0
+        ratio = f"{r.throughput / best:.1%}" if best else "-"
+        mean = f"{r.mean_batch:.1f}" if r.mean_batch is not None else "-"
         lines.append(f"| {r.model} | {r.system} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-                     f"{added:+.2f} | {r.throughput:.1f} | {ratio:.1%} |")
-    return "\n".join(lines) + "\n"
+                     f"{added:+.2f} | {r.throughput:.1f} | {mean} | {ratio} |")
+    notes = [f"- {r.model} {r.system}: {r.note}" for r in results
+             if r.note and r.p50_ms is not None]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def triton_venv() -> Path:
+    """``$MEDEDGE_TRITON_VENV``, else ``.venv-triton`` in the working directory."""
+    return Path(os.environ.get("MEDEDGE_TRITON_VENV", ".venv-triton"))
 
 
 def main(work: Path, models: list[str], batch: int, clients: int, seconds: float,
          threads: int, triton: bool, rounds: int = 3) -> int:
+    """Run the bench, print the table and write it (markdown and JSON) under ``work``.
+
+    ``threads`` 0 means one intra-op thread per CPU, given explicitly to every system.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    threads = threads or os.cpu_count() or 1
     work.mkdir(parents=True, exist_ok=True)
-    results = run_bench(work, models, batch, clients, seconds, threads, triton, rounds)
+    try:
+        results, load = run_bench(work, models, batch, clients, seconds, threads,
+                                  triton_venv() if triton else None, rounds)
+    except OutputMismatch as exc:
+        print(f"mededge bench serve: {exc}")
+        return 1
     table = markdown(results, batch, clients)
-    header = (f"mededge bench serve: {os.cpu_count()} CPUs, ONNX Runtime CPU, "
-              f"intra-op threads {threads or 'default'}, {seconds:.0f} s per measurement, "
-              f"median of {rounds} interleaved rounds; raw throughput = back-to-back runs\n\n")
+    header = (f"mededge bench serve: {os.cpu_count()} CPUs, ONNX Runtime CPU, intra-op threads "
+              f"{threads} (inter-op 1) in every system, {seconds:g} s per measurement, median "
+              f"of {rounds} rounds in rotating order; {load}.\nraw = back-to-back session.run "
+              f"from one thread (b1, and b{MAX_BATCH} = the servers' max_batch_size); servers: "
+              f"dynamic batching, max_batch_size {MAX_BATCH}, no queue delay; clients are "
+              f"separate processes (tritonclient gRPC).\n\n")
     (work / "bench_serve.md").write_text(header + table)
-    (work / "bench_serve.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    (work / "bench_serve.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print(header + table)
     print(f"written to {work / 'bench_serve.md'}")
     return 0

@@ -1,0 +1,104 @@
+"""``mededge bench serve`` plumbing: the table, the output check, the Triton venv probe and
+stopping a server's whole process group. No timing is asserted (DESIGN: benchmarks, not tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.tools.bench_serve import MEDEDGE, RAW, TRITON, Result, _median, markdown
+from edge.tools.bench_triton import (
+    OutputMismatch,
+    TritonUnavailable,
+    check_outputs,
+    stop_group,
+    venv_python,
+)
+
+EXPECTED = np.arange(6, dtype=np.float32).reshape(1, 6)
+
+
+def test_check_outputs_accepts_equal_outputs() -> None:
+    check_outputs("server", lambda x: EXPECTED.copy(), EXPECTED, EXPECTED)
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    (np.zeros((0,), np.float32), "empty output"),
+    (None, "empty output"),
+    (np.zeros((1, 3), np.float32), "output shape"),
+    (EXPECTED + 1, "differ from raw"),
+])
+def test_check_outputs_fails_loudly(answer: np.ndarray | None, reason: str) -> None:
+    with pytest.raises(OutputMismatch, match=reason):
+        check_outputs("triton", lambda x: answer, EXPECTED, EXPECTED)
+
+
+def test_missing_triton_venv_is_unavailable_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(TritonUnavailable, match="make venv-triton"):
+        venv_python(tmp_path / "nothing")
+
+
+def test_a_numpy_2_venv_is_refused(tmp_path: Path) -> None:
+    # This test's own interpreter has numpy 2 (and perhaps pytriton): not a Triton reference.
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    with pytest.raises(TritonUnavailable, match="not usable"):
+        venv_python(venv)
+
+
+def test_stop_group_stops_the_children_too(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the child did not start"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    stop_group(proc, grace_s=10)
+    assert proc.poll() is not None
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, "the grandchild survived stop_group"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (reaped by init soon) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
+
+
+def test_markdown_ratios_against_the_better_raw_throughput() -> None:
+    results = [
+        Result("m", RAW, 10.0, 12.0, throughput=100.0, throughput_max=110.0, mean_batch=8.0),
+        Result("m", MEDEDGE, 10.5, 13.0, throughput=99.0, mean_batch=3.5),
+        Result("m", TRITON, note="FAILED output check, not timed: triton: empty output"),
+    ]
+    table = markdown(results, batch=1, clients=8)
+    assert "| m | mededge | 10.50 | 13.00 | +0.50 | 99.0 | 3.5 | 90.0% |" in table
+    assert "| m | onnxruntime (raw), b8 | - | - | - | 110.0 | 8 | reference |" in table
+    assert "FAILED output check" in table
+
+
+def test_median_over_rounds_skips_missing_figures() -> None:
+    rows = [Result("m", MEDEDGE, 1.0, 2.0, 10.0, mean_batch=None),
+            Result("m", MEDEDGE, 3.0, 4.0, 30.0, mean_batch=2.0),
+            Result("m", MEDEDGE, 2.0, 9.0, 20.0, mean_batch=4.0)]
+    median = _median(rows)
+    assert (median.p50_ms, median.p99_ms, median.throughput, median.mean_batch) == \
+        (2.0, 4.0, 20.0, 3.0)
