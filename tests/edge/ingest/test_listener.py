@@ -68,8 +68,11 @@ def start(base: Path, **dicom: object) -> Iterator[Running]:
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """One listener for the module (stopping one takes pynetdicom's 0.5 s poll); each test
-    uses its own study UID and looks only under it."""
-    yield from start(tmp_path_factory.mktemp("open"))
+    uses its own study UID and looks only under it. The spool sits two folders below the
+    fixture's own temporary folder, so an escape by ``../..`` would still land inside it."""
+    nested = tmp_path_factory.mktemp("open") / "a" / "b"
+    nested.mkdir(parents=True)
+    yield from start(nested)
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +267,8 @@ def test_hostile_uid_fails_without_a_path(running: Running, tmp_path: Path, attr
     status = raw_store(running.port, CTImageStorage, ds.SOPInstanceUID, body_of(ds))
     assert status == Status.DATASET_MISMATCH
     assert running.ledger.instance(ds.SOPInstanceUID) is None
-    spool_root = running.spool.parent
-    assert not [p for p in spool_root.parent.rglob("*") if p.name in ("etc", "x")], "escaped"
+    own_root = running.spool.parents[2]  # the fixture's temporary folder, no one else's
+    assert not [p for p in own_root.rglob("*") if p.name in ("etc", "x")], "escaped"
     assert not list(running.spool.rglob(f"{ds.SOPInstanceUID}*")), "stored"
 
 
