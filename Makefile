@@ -37,6 +37,10 @@ demo: install
 	$(VENV)/bin/mededge train classify --data $(WORK)/data --repo $(WORK)/models --model nodule_cls
 	$(VENV)/bin/mededge train segment --data $(WORK)/data --repo $(WORK)/models --model lung_seg
 	$(VENV)/bin/mededge models --repo $(WORK)/models
+	# serve the models: one inference per model over KServe v2 gRPC, then a study pushed with
+	# C-STORE comes back as SEG + SR at a local Orthanc, with a PNG overlay of the SEG
+	$(VENV)/bin/mededge demo-dicom --repo $(WORK)/models --study $(WORK)/data/study-0000/ct \
+		--work $(WORK)/demo --png $(WORK)/demo/seg_overlay.png
 
 # The Triton reference of `make bench`: nvidia-pytriton needs numpy<2 (under numpy 2 its Python
 # backend answers with empty outputs), so it gets its own venv, with the same onnxruntime version
@@ -58,7 +62,7 @@ $(TRITON_VENV)/.installed: | $(VENV)/.installed
 	touch $@ || echo "venv-triton: could not build $(TRITON_VENV); make bench reports Triton as unavailable"
 
 bench: install venv-triton
-	$(VENV)/bin/mededge bench serve --work $(WORK)/bench
+	MEDEDGE_TRITON_VENV=$(TRITON_VENV) $(VENV)/bin/mededge bench serve --work $(WORK)/bench
 
 clean:
 	rm -rf $(WORK) .pytest_cache

@@ -191,6 +191,16 @@ def overlay_png(seg: Dataset, sources: dict[str, Path], png: Path) -> str:
     return uid
 
 
+def infer_over_grpc(repo: Path, grpc_port: int, dicom_file: Path) -> None:
+    """Run ``mededge infer`` (tritonclient over KServe v2 gRPC) with every model in ``repo``."""
+    for model_dir in sorted(p for p in repo.iterdir() if (p / "config.pbtxt").is_file()):
+        command = [sys.executable, "-m", "edge.cli", "infer", "--url",
+                   f"127.0.0.1:{grpc_port}", "--model", model_dir.name, str(dicom_file)]
+        reply = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        print(f"$ mededge infer --model {model_dir.name} {dicom_file.name}")
+        print((reply.stdout or reply.stderr).rstrip())
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -221,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             print(f"started Orthanc + mededge serve in {time.monotonic() - t0:.1f} s "
                   f"(DICOM port {ports['dicom']})")
+            infer_over_grpc(args.repo, ports["grpc"], files[len(files) // 2])
             start = time.monotonic()
             pushed = push(files, ports["dicom"])
             print(f"pushed {len(files)} instances in {pushed - start:.2f} s")
