@@ -11,8 +11,6 @@ written atomically (temporary file, fsync, rename). TensorRT is imported inside 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from edge.backends.engine_manager import (
     sha256_of,
     write_engine_manifest,
 )
+from edge.core.durable import write_atomically
 from edge.core.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -47,20 +46,6 @@ class BuildSpec:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: not one of {PRECISIONS}")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _progress_monitor(trt: Any) -> Any | None:
@@ -148,10 +133,10 @@ def build_engine(onnx_path: Path, spec: BuildSpec, plan_path: Path,
         raise BackendError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
     log.info("TensorRT: engine built in %.0f s", time.monotonic() - started)
     if spec.timing_cache is not None:
-        _write_atomically(spec.timing_cache, bytes(memoryview(timing_cache.serialize())))
+        write_atomically(spec.timing_cache, bytes(memoryview(timing_cache.serialize())))
     key = EngineKey(sha256_of(onnx_path), trt.__version__, device.gpu_name,
                     device.compute_capability, spec.precision, spec.profiles, spec.dla_core)
-    _write_atomically(plan_path, bytes(memoryview(serialized)))
+    write_atomically(plan_path, bytes(memoryview(serialized)))
     write_engine_manifest(plan_path, key, {"sm_count": device.sm_count,
                                            "workspace_mb": spec.workspace_mb,
                                            "built_seconds": round(time.monotonic() - started)})
