@@ -18,9 +18,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.backends.base import Backend, BackendOptions
+from edge.core.durable import write_atomically
 from edge.core.errors import BackendError, RepositoryError
 
 log = logging.getLogger(__name__)
@@ -169,12 +168,7 @@ def read_engine_key(plan: Path) -> EngineKey | None:
 def write_engine_manifest(plan: Path, key: EngineKey, extra: Mapping[str, Any] = {}) -> Path:
     """Write ``model.plan.json`` atomically (temporary file, fsync, rename)."""
     path = manifest_path(plan)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"key": key.to_dict(), **dict(extra)}, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps({"key": key.to_dict(), **dict(extra)}, indent=1))
     return path
 
 

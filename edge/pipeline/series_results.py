@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from edge.core.durable import write_atomically
 from edge.core.types import ModelId, Task
 from edge.pipeline.accumulator import SeriesAccumulator
 from edge.pipeline.slices import SliceStore
@@ -170,22 +170,9 @@ def write_dataset(dataset: Dataset, path: Path) -> None:
 
     Raises: OSError.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".dcm")
-    os.close(fd)
-    try:
-        dataset.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    write_atomically(path, buffer.getvalue())
 
 
 def build_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline: Pipeline,
