@@ -25,10 +25,14 @@ DEFAULTS = {
     "segment": (12, 1024, 16, 3e-3, 128, "16,32,64,128"),
 }
 
+#: Tasks trained by their own modules (trainer/detect_train.py).
+OTHER_TASKS = ("detect",)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``mededge train`` flags."""
-    parser.add_argument("task", choices=sorted(DEFAULTS), help="what the model does")
+    parser.add_argument("task", choices=sorted([*DEFAULTS, *OTHER_TASKS]),
+                        help="what the model does")
     parser.add_argument("--data", type=Path, required=True,
                         help="synthetic folder (manifest.json) or DICOM folder + label CSV")
     parser.add_argument("--repo", type=Path, required=True, help="model repository")
@@ -57,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parity-atol", type=float, default=1e-4)
     parser.add_argument("--parity-rtol", type=float, default=1e-4)
     parser.add_argument("--max-batch-size", type=int, default=8, help="config.pbtxt")
+    parser.add_argument("--coco", type=Path,
+                        help="detect: COCO box file (default DATA/labels/boxes_coco.json)")
 
 
 def labels_for(task: str) -> tuple[str, ...]:
@@ -99,6 +105,10 @@ def prepare_data(args: argparse.Namespace, spec: PreprocessSpec) -> SliceSet:
 
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate, report, export and publish. Returns the exit code."""
+    if args.task == "detect":
+        from trainer.detect_train import run_detect
+
+        return run_detect(args)
     import torch
 
     from trainer import distributed

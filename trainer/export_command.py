@@ -129,11 +129,23 @@ def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work
     sidecar = make_sidecar(Task(task), labels, PreprocessSpec.from_dict(state["preprocess"]),
                            thresholds=thresholds, prov=prov)
     samples = (data.subset("val").images[:16])
-    version, parity = export_and_publish(
-        model, samples, repo, name, sidecar, metrics=published,
-        report={k: v for k, v in summary.items() if k != "load_summary"}, work_dir=work_dir,
-        atol=atol, rtol=rtol, max_batch_size=max_batch_size,
-        external_data_threshold=external_data_threshold or EXTERNAL_DATA_THRESHOLD)
+    if task == "classify":  # second output: the class-activation map (trainer/cam.py)
+        from dataclasses import replace
+
+        from trainer.cam import OUTPUT_NAMES, ClassifierWithCam
+        from trainer.export_heads import publish_multi
+
+        sidecar = replace(sidecar, postprocess={**sidecar.postprocess, "cam": OUTPUT_NAMES[1]})
+        version, parity = publish_multi(
+            ClassifierWithCam(model).eval(), samples, repo, name, sidecar, OUTPUT_NAMES,
+            metrics=published, report={k: v for k, v in summary.items() if k != "load_summary"},
+            work_dir=work_dir, atol=atol, rtol=rtol, max_batch_size=max_batch_size)
+    else:
+        version, parity = export_and_publish(
+            model, samples, repo, name, sidecar, metrics=published,
+            report={k: v for k, v in summary.items() if k != "load_summary"},
+            work_dir=work_dir, atol=atol, rtol=rtol, max_batch_size=max_batch_size,
+            external_data_threshold=external_data_threshold or EXTERNAL_DATA_THRESHOLD)
     rp.write_metrics_json(out / "metrics.json", {**summary, "history": history,
                                                  "parity": parity.as_dict(), "version": version})
     print(f"{name} v{version} ({task}) published to {repo / name}; report in {out}")
