@@ -30,6 +30,17 @@ ORT_TO_KSERVE: Mapping[str, str] = {
     "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
 }
 
+#: Session config entries every session gets, before those in
+#: ``BackendOptions.provider_options[SESSION_CONFIG_KEY]``. ONNX Runtime's pool threads spin-wait
+#: after each run by default; on a small CPU box that burns the cores the gRPC threads, the
+#: DICOM receiver and other instances need (2 cores, under load: batch-1 ResNet18 through gRPC
+#: took about 10 ms longer with spinning, see docs/benchmarks.md). ``mededge bench serve`` gives
+#: the raw and Triton sessions the same entries.
+SESSION_CONFIG: Mapping[str, str] = {"session.intra_op.allow_spinning": "0",
+                                     "session.inter_op.allow_spinning": "0"}
+#: Key of ``BackendOptions.provider_options`` holding extra session config entries.
+SESSION_CONFIG_KEY = "onnxruntime_session_config"
+
 _GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                  "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -81,6 +92,9 @@ class OnnxRuntimeBackend(Backend):
         so.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, _GRAPH_LEVELS[options.graph_optimization])
         so.log_severity_level = 3
+        entries = {**SESSION_CONFIG, **options.provider_options.get(SESSION_CONFIG_KEY, {})}
+        for key, value in entries.items():
+            so.add_session_config_entry(key, value)
         providers = choose_providers(options.providers, ort.get_available_providers())
         provider_options = [dict(options.provider_options.get(p, {})) for p in providers]
         try:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from edge.backends.onnxruntime_backend import SESSION_CONFIG
 from edge.tools.bench_triton import (
     TRITON_SCRIPT,
     OutputMismatch,
@@ -95,13 +96,16 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
 # --- raw ONNX Runtime ---------------------------------------------------------------------
 
 def session(path: Path, threads: int) -> Any:
-    """An ``InferenceSession`` with the session options every system in the bench uses."""
+    """An ``InferenceSession`` with the session options every system in the bench uses
+    (those of mededge's ONNX Runtime backend, spinning off included)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -234,7 +238,8 @@ def verify_server(system: str, url: str, spec: BenchModel, sess: Any) -> None:
 # --- servers ----------------------------------------------------------------------------------
 
 def start_mededge(repo: Path, work: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    """``mededge serve`` on an ephemeral port, in its own process group.
+    """``mededge serve`` (serving only: no DICOM listener) on an ephemeral port, in its own
+    process group.
 
     Raises:
         RuntimeError: it exited before printing its port.
@@ -245,8 +250,8 @@ def start_mededge(repo: Path, work: Path, threads: int) -> tuple[subprocess.Pope
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge.cli", "serve", "--model-repository", str(repo),
          "--data-dir", str(work / "data"), "--bind", "127.0.0.1", "--grpc-port", "0",
-         "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=env, start_new_session=True)
+         "--http-port", "0", "--no-dicom"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, env=env, start_new_session=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         match = PORT_LINE.match(line.strip())
@@ -289,7 +294,7 @@ def _start_reference(venv: Path, path: Path, spec: BenchModel, threads: int, wor
     """Triton for one model, checked against raw outputs; (server or None, note)."""
     try:
         server = start_triton(venv, path, spec.name, spec.input, spec.output, threads,
-                              MAX_BATCH, work / "triton" / spec.name)
+                              MAX_BATCH, work / "triton" / spec.name, dict(SESSION_CONFIG))
     except (TritonUnavailable, OSError) as exc:
         log.warning("Triton unavailable: %s", exc)
         return None, f"unavailable: {exc}"

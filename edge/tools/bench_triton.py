@@ -12,6 +12,7 @@ empty or different tensors fails loudly instead of being timed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -25,8 +26,9 @@ import numpy as np
 
 #: The Triton server, run by the Triton venv's python. argv: model path, model name, input name,
 #: output name, intra-op threads, gRPC port (HTTP and metrics on the next two), and optionally
-#: max_batch_size (default 8). Same session options as mededge's backend and the raw reference:
-#: intra-op ``threads``, inter-op 1, ORT_ENABLE_ALL, CPU provider. Triton's dynamic batcher with
+#: max_batch_size (default 8) and session config entries as JSON. Same session options as
+#: mededge's backend and the raw reference: intra-op ``threads``, inter-op 1, ORT_ENABLE_ALL,
+#: the config entries (no spinning), CPU provider. Triton's dynamic batcher with
 #: no queue delay, as mededge's bench config. ``tests/edge/backends/test_remote_kserve.py`` runs
 #: it too (with the mededge venv's python).
 TRITON_SCRIPT = """
@@ -35,16 +37,20 @@ libdir = sysconfig.get_config_var("LIBDIR") or ""
 # Triton's Python backend must load this interpreter's libpython, not the system's older one.
 os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(
     p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+import json
 import numpy as np, onnx, onnxruntime as ort
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 path, name, inp, out, threads, port = sys.argv[1:7]
 max_batch = int(sys.argv[7]) if len(sys.argv) > 7 else 8
+entries = json.loads(sys.argv[8]) if len(sys.argv) > 8 else {}
 so = ort.SessionOptions()
 so.intra_op_num_threads = int(threads)
 so.inter_op_num_threads = 1
 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+for key, value in entries.items():
+    so.add_session_config_entry(key, value)
 session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 graph = onnx.load(path, load_external_data=False).graph
 def dims(values, wanted):
@@ -157,7 +163,8 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
 
 
 def start_triton(venv: Path, path: Path, name: str, inp: str, out: str, threads: int,
-                 max_batch: int, work: Path, timeout_s: float = 300.0) -> TritonServer:
+                 max_batch: int, work: Path, session_config: dict[str, str] | None = None,
+                 timeout_s: float = 300.0) -> TritonServer:
     """Start Triton serving ``path`` from the Triton venv; returns once it is ready.
 
     Raises:
@@ -171,8 +178,8 @@ def start_triton(venv: Path, path: Path, name: str, inp: str, out: str, threads:
     port = free_port_block(3)
     proc = subprocess.Popen(
         [str(python), str(script), str(path), name, inp, out, str(threads), str(port),
-         str(max_batch)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, cwd=work)
+         str(max_batch), json.dumps(session_config or {})], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=work)
     assert proc.stdout is not None
     tail: list[str] = []
     timer = threading.Timer(timeout_s, lambda: stop_group(proc, 5.0))
