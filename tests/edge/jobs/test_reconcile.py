@@ -101,7 +101,13 @@ def test_kill_9_then_reconcile_keeps_every_acknowledged_instance(tmp_path: Path)
     time.sleep(0.01)
     with Ledger(tmp_path / "ledger.sqlite3") as ledger:
         report = reconcile(Spool(tmp_path / "spool", 0), ledger)
-        assert report.promoted == 2 and report.recorded == 5 and report.missing_files == 0
+        # 5 rows lost, 2 of them with their rename undone. The instance in flight when the
+        # receiver was killed may also be whole on disk (a full-size .part, or renamed but not
+        # recorded): it was never acknowledged, and keeping it is harmless (a resend is a repeat)
+        in_flight = report.recorded - 5
+        assert in_flight in (0, 1), report
+        assert report.promoted - 2 in (0, in_flight), report
+        assert report.missing_files == 0, report
         for uid, pixels in acknowledged.items():
             record = ledger.instance(uid)
             assert record is not None, f"acknowledged {uid} is not in the ledger"
