@@ -4,13 +4,7 @@ starts it) and mededge's own gRPC server. Results must equal a local ONNX Runtim
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import sysconfig
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,42 +60,19 @@ def local(model_path: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def triton_url(model_path: Path) -> Iterator[str]:
-    """pytriton's Triton in its own process group (so its tritonserver child dies with it)."""
-    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed")
-    from edge.tools.bench_serve import TRITON_SCRIPT
+def triton_url(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """pytriton's Triton from ``.venv-triton`` (``make venv-triton``: numpy<2, which its Python
+    backend needs), in its own process group, serving the model with ONNX Runtime."""
+    from edge.tools.bench_triton import TritonUnavailable, start_triton
 
-    port = _free_port_block(3)
-    env = dict(os.environ)
-    # Triton's Python backend must load the venv's libpython, not Debian's older one.
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH"))
-                                             if p)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TRITON_SCRIPT, str(model_path), "add", "INPUT0", "OUTPUT0", "1",
-         str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True)
-    assert proc.stdout is not None
-    tail: list[str] = []
+    venv = Path(__file__).resolve().parents[3] / ".venv-triton"
     try:
-        for line in proc.stdout:
-            tail = (tail + [line])[-20:]
-            if line.startswith("triton ready"):
-                break
-        else:
-            proc.wait(30)
-            pytest.skip("pytriton's Triton did not start here: " + "".join(tail)[-500:])
-        threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
-        yield f"127.0.0.1:{port}"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        server = start_triton(venv, model_path, "add", "INPUT0", "OUTPUT0", 1, 8,
+                              tmp_path_factory.mktemp("triton"), timeout_s=240)
+    except TritonUnavailable as exc:
+        pytest.skip(f"Triton is not available here: {exc}")
+    with server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +89,6 @@ def mededge_url(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> I
     with EdgeServer(settings) as server:
         assert server.ports is not None
         yield f"127.0.0.1:{server.ports.grpc}"
-
-
-#: What pytriton's Triton does here (see _values_or_skip).
-EMPTY_OUTPUTS = ("pytriton's Triton answers ModelInfer with the right output shape but empty "
-                 "raw_output_contents on this machine (tritonclient sees the same); likely its "
-                 "Python backend stub, built for numpy 1, under the venv's numpy 2")
 
 
 def _returns_data(url: str) -> bool:
@@ -146,13 +111,10 @@ def url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 
-def _values_or_skip(url: str, backend: RemoteKServeBackend) -> None:
-    """Skip a value comparison where the server sends no values, after checking that the
-    backend refuses such a response instead of returning an empty array."""
-    if not _returns_data(url):
-        with pytest.raises(BackendError, match="values do not fill shape"):
-            backend.infer({"INPUT0": X})
-        pytest.skip(EMPTY_OUTPUTS)
+def _assert_values(url: str) -> None:
+    """Both servers must send values (pytriton under numpy 2 sent empty outputs: a broken
+    reference must fail here, not pass quietly)."""
+    assert _returns_data(url), f"{url} answered ModelInfer without output values"
 
 
 def _dead_url() -> str:
@@ -166,7 +128,7 @@ def test_results_equal_local_onnxruntime(url: str, local: dict[str, np.ndarray])
         assert [s.name for s in remote.inputs] == ["INPUT0"]
         assert remote.inputs[0].datatype == "FP32" and remote.inputs[0].shape == (4,)
         assert [s.name for s in remote.outputs] == ["OUTPUT0"]
-        _values_or_skip(url, remote)
+        _assert_values(url)
         result = remote.infer({"INPUT0": X})
         assert url in remote.description
     np.testing.assert_array_equal(result["OUTPUT0"], local["OUTPUT0"])
@@ -180,7 +142,7 @@ def test_outbound_hook_sees_and_changes_what_leaves(url: str) -> None:
         return {name: np.zeros_like(array) for name, array in inputs.items()}
 
     with RemoteKServeBackend(RemoteTarget(url, "add"), BackendOptions(), outbound=scrub) as r:
-        _values_or_skip(url, r)
+        _assert_values(url)
         seen.clear()
         result = r.infer({"INPUT0": X})
     assert seen == ["INPUT0"]
@@ -191,8 +153,7 @@ def test_repository_model_runs_remotely_through_the_scheduler(
         tmp_path: Path, url: str, local: dict[str, np.ndarray]) -> None:
     """``backend: "remote"`` in config.pbtxt, tensors from the remote metadata, an empty
     version folder: the same ServedModel (queue, batching, statistics) as a local model."""
-    if not _returns_data(url):
-        pytest.skip(EMPTY_OUTPUTS)
+    _assert_values(url)
     (tmp_path / "add" / "1").mkdir(parents=True)
     (tmp_path / "add" / "config.pbtxt").write_text(
         'backend: "remote"\nmax_batch_size: 8\ndynamic_batching { }\n'
