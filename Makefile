@@ -38,9 +38,11 @@ demo: install
 	$(VENV)/bin/mededge train segment --data $(WORK)/data --repo $(WORK)/models --model lung_seg
 	$(VENV)/bin/mededge models --repo $(WORK)/models
 	# serve the models: one inference per model over KServe v2 gRPC, then a study pushed with
-	# C-STORE comes back as SEG + SR at a local Orthanc, with a PNG overlay of the SEG
+	# C-STORE comes back as SEG + SR at a local Orthanc, with a PNG overlay of the SEG; where
+	# Debian's prometheus is installed it scrapes the service and one figure is shown
 	$(VENV)/bin/mededge demo-dicom --repo $(WORK)/models --study $(WORK)/data/study-0000/ct \
-		--work $(WORK)/demo --png $(WORK)/demo/seg_overlay.png
+		--work $(WORK)/demo --png $(WORK)/demo/seg_overlay.png \
+		$(if $(wildcard /usr/bin/prometheus),--prometheus)
 
 # The Triton reference of `make bench`: nvidia-pytriton needs numpy<2 (under numpy 2 its Python
 # backend answers with empty outputs), so it gets its own venv, with the same onnxruntime version

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-# Test harnesses in tests/ (orthanc.py) import as top-level modules, as tests/edge's do.
-_TESTS = str(Path(__file__).resolve().parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
+# Test harnesses in tests/ (orthanc.py, dicom_models.py) and tests/edge (model_factory.py)
+# import as top-level modules.
+for _harnesses in (Path(__file__).resolve().parent, Path(__file__).resolve().parent / "edge"):
+    if str(_harnesses) not in sys.path:
+        sys.path.insert(0, str(_harnesses))
 
 from orthanc import ORTHANC, Orthanc  # noqa: E402
 

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", type=Path, default=Path("seg_overlay.png"),
                         help="where to write the overlay (default seg_overlay.png)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    parser.add_argument("--prometheus", action="store_true",
+                        help="also start Debian's Prometheus against the service and show a "
+                             "figure it scraped")
 
 
 def _free_port() -> int:
@@ -201,6 +204,23 @@ def infer_over_grpc(repo: Path, grpc_port: int, dicom_file: Path) -> None:
         print((reply.stdout or reply.stderr).rstrip())
 
 
+def show_scraped_figure(work: Path, http_port: int, timeout_s: float) -> None:
+    """Start Prometheus against the service and print what it scraped.
+
+    Raises: RuntimeError, TimeoutError (Prometheus missing, not ready, or no samples)."""
+    from edge.tools.demo_prometheus import start_prometheus
+
+    prometheus = start_prometheus(work, http_port)
+    try:
+        expression = '{__name__=~"mededge_instances_received(_total)?"}'
+        for labels, value in prometheus.wait_for(expression, timeout_s):
+            name = labels.pop("__name__", "?")
+            shown = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            print(f"Prometheus scraped {name}{{{shown}}} = {value:g}")
+    finally:
+        prometheus.stop()
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -250,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"SEG written {time.monotonic() - pushed:.2f} s after the push")
             uid = overlay_png(seg, sources, args.png)
             print(f"overlay of instance {uid} written to {args.png}")
+            if args.prometheus:
+                show_scraped_figure(work / "prometheus", ports["http"], args.timeout)
         finally:
             _stop(serve)
     except (RuntimeError, TimeoutError, ValueError, OSError) as exc:
