@@ -19,11 +19,16 @@ from trainer.datasets import CLASSIFY_LABELS, SEGMENT_LABELS, SliceSet, load_dat
 log = logging.getLogger(__name__)
 
 #: Per task: (epochs, samples per epoch, batch size, learning rate, input size, widths). Sized
-#: so each model trains in a few minutes on an idle 2-core CPU on `make demo` data.
+#: so each model trains in a few minutes on an idle 2-core CPU on `make demo` data
+#: (docs/training.md has the measurements).
 DEFAULTS = {
-    "classify": (16, 2048, 32, 2e-3, 128, "32,64"),
+    "classify": (10, 1024, 32, 3e-3, 256, "16,32,64"),
     "segment": (12, 1024, 16, 3e-3, 128, "16,32,64,128"),
 }
+
+#: Classifier only: training window (px of the model input; 0 = whole frame), evidence-map
+#: stride (0 = deepest stage, no decoder), and the visible-nodule rule's diameter (mm).
+CLASSIFY_CROP, CLASSIFY_HEAD_STRIDE, MIN_VISIBLE_MM = 128, 4, 3.0
 
 #: Tasks trained by their own modules (trainer/detect_train.py).
 OTHER_TASKS = ("detect",)
@@ -48,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels-csv", type=Path, help="label CSV of a DICOM folder")
     parser.add_argument("--label-column", default=None,
                         help="CSV label column (default: label, or nodule_present)")
+    parser.add_argument("--min-visible-mm", type=float, default=MIN_VISIBLE_MM,
+                        help="classify: a slice is positive when a nodule cross-section on it "
+                             "is at least this wide, ignored when only a smaller cap touches "
+                             "it (0: every touched slice is positive)")
+    parser.add_argument("--crop", type=int, default=CLASSIFY_CROP,
+                        help="classify: train on windows this size (0: whole frames)")
+    parser.add_argument("--head-stride", type=int, default=CLASSIFY_HEAD_STRIDE,
+                        help="classify: evidence-map stride (0: deepest stage, no decoder)")
     parser.add_argument("--threshold", type=float,
                         help="classification threshold (default: Youden's J on validation)")
     parser.add_argument("--seed", type=int, default=0)
@@ -86,16 +99,8 @@ def prepare_data(args: argparse.Namespace, spec: PreprocessSpec) -> SliceSet:
                      label_column=column, use_cache=not args.no_cache,
                      progress=not args.no_progress)
     data.summary.log(str(args.data))
-    if args.task == "segment":
-        data = drop_unlabelled_masks(data)
-    else:
-        from dataclasses import replace
-
-        keep = data.labels >= 0
-        data = replace(data, images=data.images[keep], labels=data.labels[keep],
-                       masks=None if data.masks is None else data.masks[keep],
-                       groups=data.groups[keep], splits=data.splits[keep],
-                       sources=data.sources[keep])
+    data = (drop_unlabelled_masks(data) if args.task == "segment"
+            else data.select(data.labels >= 0))
     for split in ("train", "val"):
         if not (data.splits == split).any():
             raise DataError(f"{args.data}: no usable {split} slices for {args.task} "
@@ -112,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from trainer import distributed
+    from trainer.classify import ClassifyHooks
     from trainer.export_command import finish
-    from trainer.loop import ClassifyHooks, SegmentHooks, TrainConfig, seed_everything, train
+    from trainer.loop import SegmentHooks, TrainConfig, seed_everything, train
     from trainer.models import ModelSpec, build_model
 
     epochs, samples, batch, lr, size, widths = DEFAULTS[args.task]
@@ -126,15 +132,18 @@ def run(args: argparse.Namespace) -> int:
         train_set, val_set = data.subset("train"), data.subset("val")
         labels = labels_for(args.task)
         mspec = ModelSpec(task=args.task, num_classes=len(labels),
-                          widths=tuple(int(w) for w in (args.widths or widths).split(",")))
+                          widths=tuple(int(w) for w in (args.widths or widths).split(",")),
+                          head_stride=args.head_stride if args.task == "classify" else 0)
         work_dir = args.work_dir or args.repo.resolve().parent / "runs" / args.model
         cfg = TrainConfig(
             epochs=args.epochs or epochs, batch_size=args.batch_size or batch,
             lr=args.lr or lr, samples_per_epoch=args.samples_per_epoch or samples,
             seed=args.seed, work_dir=work_dir, resume=args.resume, amp=not args.no_amp,
             progress=not args.no_progress)
-        hooks = ClassifyHooks() if args.task == "classify" else SegmentHooks(labels)
-        meta = {"format": 1, "task": args.task, "labels": list(labels),
+        hooks = (ClassifyHooks(min_visible_mm=args.min_visible_mm, crop=args.crop)
+                 if args.task == "classify" else SegmentHooks(labels))
+        rule = ({"min_visible_mm": args.min_visible_mm} if args.task == "classify" else {})
+        meta = {"format": 1, "task": args.task, "labels": list(labels), "label_rule": rule,
                 "model_spec": mspec.to_dict(), "preprocess": spec.to_dict(), "seed": args.seed,
                 "epochs": cfg.epochs, "data": str(args.data),
                 "data_fingerprint": data.fingerprint}

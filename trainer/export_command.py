@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 #: Metric names published per task (sidecar ``versions.N.metrics``).
 PUBLISHED = {
-    "classify": ("auc", "accuracy", "sensitivity", "specificity", "f1"),
+    "classify": ("auc", "accuracy", "sensitivity", "specificity", "f1", "auc_any_touch"),
     "segment": ("dice_lung", "dice_nodule", "iou_lung", "iou_nodule", "dice_mean"),
 }
 
@@ -46,11 +46,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(task: str, model: Any, data: SliceSet, labels: tuple[str, ...],
-              threshold: float | None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Metrics on val and on the held-out split (test, else val) and what the plots need."""
+              threshold: float | None, min_visible_mm: float = 0.0
+              ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Metrics on val and on the held-out split (test, else val) and what the plots need.
+
+    Classification follows the visible-nodule rule (``min_visible_mm``; docs/training.md):
+    slices it ignores are left out of the metrics, ROC and threshold, and ``auc_any_touch``
+    gives the AUC without the rule.
+    """
     import torch
 
-    from trainer.metrics import classification_metrics, segmentation_metrics, youden_threshold
+    from trainer.datasets import IGNORED_LABEL, visible_nodule_labels
+    from trainer.metrics import (
+        classification_metrics,
+        segmentation_metrics,
+        youden_threshold,
+    )
     from trainer.models import predict
 
     cpu = torch.device("cpu")
@@ -60,11 +71,20 @@ def _evaluate(task: str, model: Any, data: SliceSet, labels: tuple[str, ...],
     out: dict[str, dict[str, float]] = {}
     extra: dict[str, Any] = {"held": held, "held_split": "test" if held is not val else "val"}
     if task == "classify":
-        thr = threshold if threshold is not None else youden_threshold(val.labels, p_val[:, 1])
-        out["val"] = classification_metrics(val.labels, p_val[:, 1], thr).as_dict()
-        cm = classification_metrics(held.labels, p_held[:, 1], thr)
+        y_val = visible_nodule_labels(val.labels, val.nodule_mm, min_visible_mm)
+        y_held = visible_nodule_labels(held.labels, held.nodule_mm, min_visible_mm)
+        kv, kh = y_val != IGNORED_LABEL, y_held != IGNORED_LABEL
+        thr = threshold if threshold is not None else youden_threshold(y_val[kv], p_val[kv, 1])
+        out["val"] = classification_metrics(y_val[kv], p_val[kv, 1], thr).as_dict()
+        cm = classification_metrics(y_held[kh], p_held[kh, 1], thr)
         out["held"] = cm.as_dict()
-        extra.update(threshold=thr, counts=cm.counts, score=p_held[:, 1])
+        for name, part, p, keep in (("val", val, p_val, kv), ("held", held, p_held, kh)):
+            any_touch = classification_metrics(part.labels, p[:, 1], thr)
+            out[name].update(auc_any_touch=any_touch.auc,
+                             sensitivity_any_touch=any_touch.sensitivity,
+                             ignored=float((~keep).sum()))
+        extra.update(threshold=thr, counts=cm.counts, score=p_held[kh, 1],
+                     roc_labels=y_held[kh])
     else:
         assert val.masks is not None and held.masks is not None
         out["val"] = segmentation_metrics(p_val.argmax(1), val.masks, labels)
@@ -100,7 +120,9 @@ def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work
     model = build_model(ModelSpec.from_dict(state["model_spec"]))
     model.load_state_dict(state["state_dict"])
     model.eval()
-    metrics, extra = _evaluate(task, model, data, labels, threshold)
+    rule = dict(state.get("label_rule") or {})
+    metrics, extra = _evaluate(task, model, data, labels, threshold,
+                               float(rule.get("min_visible_mm", 0.0)))
     held: SliceSet = extra["held"]
     out = work_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +132,7 @@ def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work
         rp.plot_learning_curves(history, primary, out / "learning_curves.png")
     thresholds: dict[str, float] = {}
     if task == "classify":
-        rp.plot_roc(held.labels, extra["score"], metrics["held"]["auc"], out / "roc.png")
+        rp.plot_roc(extra["roc_labels"], extra["score"], metrics["held"]["auc"], out / "roc.png")
         rp.plot_confusion(extra["counts"], labels, out / "confusion_matrix.png")
         thresholds = {labels[1]: float(extra["threshold"])}
     else:
@@ -118,14 +140,15 @@ def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work
         rp.plot_overlays(held.images, held.masks, extra["pred"], labels, out / "overlays.png")
     summary = {"evaluated_on": extra["held_split"], "slices": len(held),
                "best_epoch": int(state.get("best_epoch", state.get("epoch", 0))),
-               "train_seconds": train_seconds, "val": metrics["val"],
+               "train_seconds": train_seconds, "label_rule": rule, "val": metrics["val"],
                extra["held_split"]: metrics["held"], "load_summary": data.summary.as_dict()}
     rp.write_metrics_json(out / "metrics.json", {**summary, "history": history})
     published = {k: float(metrics["held"][k]) for k in PUBLISHED[task]}
     prov = provenance(fingerprint=str(state.get("data_fingerprint", data.fingerprint)),
                       seed=int(state.get("seed", 0)),
                       epochs=int(state.get("epochs", state.get("epoch", 0))),
-                      extra={"best_epoch": summary["best_epoch"]})
+                      extra={"best_epoch": summary["best_epoch"],
+                             **({"label_rule": rule} if rule else {})})
     sidecar = make_sidecar(Task(task), labels, PreprocessSpec.from_dict(state["preprocess"]),
                            thresholds=thresholds, prov=prov)
     samples = (data.subset("val").images[:16])

@@ -1,7 +1,8 @@
 """The training loop: sampling, augmentation, AMP, DDP, evaluation, best/last checkpoints.
 
-Task-specific parts (targets, loss, sample weights, metrics) are small hook objects
-(:class:`ClassifyHooks`, :class:`SegmentHooks`); the loop itself knows nothing about tasks.
+Task-specific parts (batches, loss, sample weights, metrics) are small hook objects
+(:class:`trainer.classify.ClassifyHooks`, :class:`SegmentHooks`); the loop itself knows
+nothing about tasks.
 Only rank 0 evaluates and writes; every rank resumes from the same ``last.pt``.
 """
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from trainer.augment import AugmentSpec, augment_batch
 from trainer.datasets import IGNORE, SliceSet
 from trainer.distributed import DistContext, ShardedWeightedSampler, barrier
-from trainer.metrics import classification_metrics, segmentation_metrics
+from trainer.metrics import segmentation_metrics
 from trainer.models import predict
 
 log = logging.getLogger(__name__)
@@ -56,55 +57,11 @@ class TaskHooks(Protocol):
     primary_metric: str
 
     def sample_weights(self, data: SliceSet) -> np.ndarray: ...
-    def targets(self, data: SliceSet, idx: np.ndarray
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
+    def make_batch(self, data: SliceSet, idx: np.ndarray, rng: np.random.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]: ...
     def loss(self, output: Any, label: torch.Tensor | None,
              mask: torch.Tensor | None) -> torch.Tensor: ...
     def evaluate(self, probs: np.ndarray, data: SliceSet) -> dict[str, float]: ...
-
-
-class ClassifyHooks:
-    """Slice classification: balanced sampling, cross-entropy on the slice label plus, where
-    nodule masks exist, a dense BCE on the classifier's evidence map; AUC on validation."""
-
-    primary_metric = "auc"
-
-    def __init__(self, threshold: float = 0.5, nodule_class: int = 2,
-                 dense_weight: float = 1.0) -> None:
-        self.threshold = threshold
-        self.nodule_class, self.dense_weight = nodule_class, dense_weight
-        self._ce = torch.nn.CrossEntropyLoss()
-
-    def sample_weights(self, data: SliceSet) -> np.ndarray:
-        counts = np.bincount(data.labels, minlength=2).astype(np.float64)
-        return 1.0 / np.maximum(counts, 1)[data.labels]
-
-    def targets(self, data: SliceSet, idx: np.ndarray
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        masks = None if data.masks is None else torch.from_numpy(data.masks[idx])
-        return torch.from_numpy(data.labels[idx]), masks
-
-    def loss(self, output: Any, label: torch.Tensor | None,
-             mask: torch.Tensor | None) -> torch.Tensor:
-        assert label is not None
-        logits, dense = output if isinstance(output, tuple) else (output, None)
-        loss = self._ce(logits.float(), label)
-        if dense is None or mask is None or self.dense_weight == 0:
-            return loss
-        known = ~(mask == IGNORE).flatten(1).any(dim=1)  # slices with a real reference
-        if not bool(known.any()):
-            return loss
-        target = (mask[known] == self.nodule_class).float()[:, None]
-        target = torch.nn.functional.adaptive_max_pool2d(target, dense.shape[-2:])
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(
-            dense[known].float(), target, pos_weight=torch.tensor(10.0, device=dense.device))
-        return loss + self.dense_weight * bce
-
-    def evaluate(self, probs: np.ndarray, data: SliceSet) -> dict[str, float]:
-        m = classification_metrics(data.labels, probs[:, 1], self.threshold).as_dict()
-        if math.isnan(m["auc"]):  # one class only: fall back so "best" still means something
-            m["auc"] = m["accuracy"]
-        return m
 
 
 class SegmentHooks:
@@ -127,10 +84,11 @@ class SegmentHooks:
         w_neg = (1 - self.nodule_share) / (len(data) - n_pos)
         return np.where(has_nodule, w_pos, w_neg)
 
-    def targets(self, data: SliceSet, idx: np.ndarray
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def make_batch(self, data: SliceSet, idx: np.ndarray, rng: np.random.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         assert data.masks is not None
-        return None, torch.from_numpy(data.masks[idx].astype(np.int64))
+        return (torch.from_numpy(data.images[idx]), None,
+                torch.from_numpy(data.masks[idx].astype(np.int64)))
 
     def loss(self, output: Any, label: torch.Tensor | None,
              mask: torch.Tensor | None) -> torch.Tensor:
@@ -146,11 +104,7 @@ def drop_unlabelled_masks(data: SliceSet) -> SliceSet:
     """Keep only slices whose mask is a real reference (no :data:`IGNORE` pixels)."""
     if data.masks is None:
         return data
-    keep = ~(data.masks == IGNORE).any(axis=(1, 2))
-    from dataclasses import replace
-    return replace(data, images=data.images[keep], labels=data.labels[keep],
-                   masks=data.masks[keep], groups=data.groups[keep], splits=data.splits[keep],
-                   sources=data.sources[keep])
+    return data.select(~(data.masks == IGNORE).any(axis=(1, 2)))
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -240,14 +194,15 @@ def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set
         sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + ctx.rank)
         order = np.fromiter(iter(sampler), dtype=np.int64)
+        rng = np.random.default_rng([cfg.seed, epoch, ctx.rank])
         net.train()
         losses = []
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
                    unit="batch", disable=not (cfg.progress and ctx.is_main), leave=False)
         for start in bar:
             idx = order[start:start + cfg.batch_size]
-            x = torch.from_numpy(train_set.images[idx]).to(device)
-            label, mask = hooks.targets(train_set, idx)
+            x, label, mask = hooks.make_batch(train_set, idx, rng)
+            x = x.to(device)
             label = None if label is None else label.to(device)
             x, mask = augment_batch(x, None if mask is None else mask.to(device), cfg.augment,
                                     gen)

@@ -7,6 +7,7 @@ sidecar says ``activation: softmax``), so the exported graph stays a plain logit
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ class ModelSpec:
     layers: tuple[int, ...] = field(default=(1, 1, 1, 1))
     stem_stride: int = 2  # classifier: stride of the 3x3 stem convolution
     stem_pool: bool = True  # classifier: 3x3 stride-2 max-pooling after the stem
+    #: classifier: stride of the evidence map. 0 = the deepest stage's own stride (no decoder);
+    #: otherwise a top-down (FPN-lite) path brings deeper stages up to this stride.
+    head_stride: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -35,7 +39,8 @@ class ModelSpec:
         return cls(task=str(data["task"]), num_classes=int(data["num_classes"]),
                    widths=tuple(data["widths"]), layers=tuple(data["layers"]),
                    stem_stride=int(data.get("stem_stride", 2)),
-                   stem_pool=bool(data.get("stem_pool", True)))
+                   stem_pool=bool(data.get("stem_pool", True)),
+                   head_stride=int(data.get("head_stride", 0)))
 
 
 class NoduleClassifier(torch.nn.Module):
@@ -48,6 +53,14 @@ class NoduleClassifier(torch.nn.Module):
     masks where they exist (far more signal than one label per slice: a 2D slice label alone
     lets a deep network memorise each study's anatomy) and falls back to the slice label only.
     In training mode ``forward`` returns ``(logits, dense)``, in eval mode ``logits``.
+
+    With ``spec.head_stride`` set, an FPN-lite decoder (1x1 laterals, nearest 2x upsampling and
+    addition, from the deepest stage down to that stride) feeds the head: the map then keeps
+    the spatial detail of the shallow stages (a 6 mm nodule is a few pixels at 256x256) and the
+    context of the deep ones (a round blob versus a vessel running through the plane).
+
+    Raises:
+        ValueError: 1 to 4 stages, or a ``head_stride`` that no stage has.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -63,14 +76,39 @@ class NoduleClassifier(torch.nn.Module):
             n_input_channels=1, conv1_t_size=3, conv1_t_stride=spec.stem_stride,
             no_max_pool=not spec.stem_pool, num_classes=2)
         stages = [net.layer1, net.layer2, net.layer3, net.layer4][:n]
-        self.trunk = torch.nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool, *stages)
-        width = spec.widths[-1]
+        self.stem = torch.nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
+        self.stages = torch.nn.ModuleList(stages)
+        first = spec.stem_stride * (2 if spec.stem_pool else 1)
+        strides = [first * 2 ** k for k in range(n)]
+        if spec.head_stride and spec.head_stride not in strides:
+            raise ValueError(f"classifier: head_stride {spec.head_stride} is not one of the "
+                             f"stage strides {strides}")
+        # Stages whose features the decoder merges: from the head's stride to the deepest.
+        self.merge_from = strides.index(spec.head_stride) if spec.head_stride else n - 1
+        width = spec.widths[self.merge_from]
+        self.laterals = torch.nn.ModuleList(
+            torch.nn.Conv2d(spec.widths[k], width, 1) for k in range(self.merge_from, n - 1))
+        self.top = (torch.nn.Conv2d(spec.widths[-1], width, 1) if self.merge_from < n - 1
+                    else torch.nn.Identity())
         self.head = torch.nn.Sequential(
             torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.BatchNorm2d(width),
             torch.nn.ReLU(inplace=True), torch.nn.Conv2d(width, 1, 1))
+        if spec.head_stride:
+            # RetinaNet's prior: every location starts at p = 0.01, so the focal loss on a map
+            # that is almost all background starts small instead of swamping the first steps.
+            torch.nn.init.constant_(self.head[-1].bias, -math.log(99.0))
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
+        feats = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        y = self.top(feats[-1])
+        for k in range(len(feats) - 2, self.merge_from - 1, -1):
+            y = torch.nn.functional.interpolate(y, size=feats[k].shape[-2:], mode="nearest")
+            y = y + self.laterals[k - self.merge_from](feats[k])
+        return self.head(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         dense = self.dense(x)

@@ -12,19 +12,22 @@ from edge.core.errors import DataError
 from edge.preprocess.imaging import PreprocessSpec
 from trainer.datasets.base import (
     CLASSIFY_LABELS,
+    IGNORED_LABEL,
     SEGMENT_LABELS,
     SPLITS,
     LoadSummary,
     SkippedFile,
     SliceSet,
+    visible_nodule_labels,
 )
 from trainer.datasets.coco import CocoDataset, load_coco
 from trainer.datasets.dicom_folder import load_dicom_folder
 from trainer.datasets.synthetic import IGNORE, MANIFEST, load_synthetic
 
 __all__ = [
-    "CLASSIFY_LABELS", "IGNORE", "SEGMENT_LABELS", "SPLITS", "CocoDataset", "LoadSummary",
-    "SkippedFile", "SliceSet", "load_coco", "load_data", "load_dicom_folder", "load_synthetic",
+    "CLASSIFY_LABELS", "IGNORE", "IGNORED_LABEL", "SEGMENT_LABELS", "SPLITS", "CocoDataset",
+    "LoadSummary", "SkippedFile", "SliceSet", "load_coco", "load_data", "load_dicom_folder",
+    "load_synthetic", "visible_nodule_labels",
 ]
 
 

@@ -48,7 +48,10 @@ class SliceSet:
     ``images`` (N, 1, H, W) float32 in model-input units; ``labels`` (N,) int64 slice class
     (-1 unknown); ``masks`` (N, H, W) uint8 class-index maps or None; ``groups`` the study (or
     series) each slice belongs to; ``splits`` one of :data:`SPLITS` per slice; ``sources`` the
-    file each slice came from, relative to the data folder.
+    file each slice came from, relative to the data folder. ``nodule_mm`` (N,) float32, where
+    the data has nodule masks: the equivalent-circle diameter in mm of the largest nodule
+    cross-section on the slice, measured on the stored (unresized) mask with the pixel spacing
+    (0 where no nodule touches the slice, NaN where unknown); None when no masks at all.
     """
 
     images: np.ndarray
@@ -59,23 +62,49 @@ class SliceSet:
     sources: np.ndarray
     fingerprint: str
     summary: LoadSummary = field(default_factory=lambda: LoadSummary(0))
+    nodule_mm: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def subset(self, split: str) -> SliceSet:
         """The slices of one split (``train``, ``val`` or ``test``)."""
-        keep = self.splits == split
+        return self.select(self.splits == split)
+
+    def select(self, keep: np.ndarray) -> SliceSet:
+        """The slices where the boolean vector ``keep`` is set (every per-slice array)."""
         return replace(
             self, images=self.images[keep], labels=self.labels[keep],
             masks=None if self.masks is None else self.masks[keep], groups=self.groups[keep],
-            splits=self.splits[keep], sources=self.sources[keep])
+            splits=self.splits[keep], sources=self.sources[keep],
+            nodule_mm=None if self.nodule_mm is None else self.nodule_mm[keep])
 
     def has_masks(self) -> bool:
         return self.masks is not None
 
     def has_labels(self) -> bool:
         return bool(len(self)) and bool(np.all(self.labels >= 0))
+
+
+IGNORED_LABEL = -1
+
+
+def visible_nodule_labels(labels: np.ndarray, nodule_mm: np.ndarray | None,
+                          min_mm: float) -> np.ndarray:
+    """Slice labels under the "visible nodule" rule (docs/training.md).
+
+    1 where a nodule cross-section of at least ``min_mm`` (equivalent-circle diameter) lies on
+    the slice, 0 where no nodule touches it (``labels`` 0), :data:`IGNORED_LABEL` where only a
+    smaller cap touches it. Where ``nodule_mm`` is unknown (None or NaN) ``labels`` stands.
+    """
+    out = np.asarray(labels, np.int64).copy()
+    if nodule_mm is None or min_mm <= 0:
+        return out
+    mm = np.asarray(nodule_mm, np.float64)
+    known = np.isfinite(mm)
+    out[known & (mm >= min_mm)] = 1
+    out[known & (mm > 0) & (mm < min_mm)] = IGNORED_LABEL
+    return out
 
 
 def split_for(group: str, val_fraction: float = 0.15, test_fraction: float = 0.15) -> str:

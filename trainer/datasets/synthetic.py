@@ -58,6 +58,18 @@ def _study_masks(data_dir: Path, ct: dict[str, Any], n: int) -> np.ndarray:
     return combine_lung_nodule(lung, nodule)
 
 
+def largest_cross_section_mm(nodule: np.ndarray, spacing: tuple[float, float]) -> float:
+    """Equivalent-circle diameter (mm) of the largest 8-connected region of a 2D nodule mask;
+    0.0 when the mask is empty. ``spacing`` is (row, column) mm per pixel."""
+    if not nodule.any():
+        return 0.0
+    from scipy import ndimage
+
+    regions, n = ndimage.label(nodule, structure=np.ones((3, 3), bool))
+    area_px = int(np.bincount(regions.ravel(), minlength=n + 1)[1:].max())
+    return float(2.0 * np.sqrt(area_px * spacing[0] * spacing[1] / np.pi))
+
+
 def load_synthetic(data_dir: Path, spec: PreprocessSpec, *, use_cache: bool = True,
                    progress: bool = True) -> SliceSet:
     """Load (or fetch from the cache) every CT slice of a synthetic folder.
@@ -80,6 +92,7 @@ def load_synthetic(data_dir: Path, spec: PreprocessSpec, *, use_cache: bool = Tr
         return cached
 
     images, labels, masks, groups, splits, sources = [], [], [], [], [], []
+    nodule_mm: list[float] = []
     skipped: list[SkippedFile] = []
     for study in tqdm(studies, desc="decode studies", unit="study", disable=not progress):
         sid = str(study.get("study_id", "?"))
@@ -92,6 +105,7 @@ def load_synthetic(data_dir: Path, spec: PreprocessSpec, *, use_cache: bool = Tr
             skipped.append(SkippedFile(str(ct.get("lung_mask", sid)), str(exc)))
             study_masks = None
         slice_labels = ct.get("slice_labels") or []
+        spacing = ct.get("pixel_spacing")
         for i, name in enumerate(names):
             rel = f"{ct.get('dir', sid)}/{name}"
             try:
@@ -103,22 +117,27 @@ def load_synthetic(data_dir: Path, spec: PreprocessSpec, *, use_cache: bool = Tr
                 mask = fit_mask(study_masks[i], spec)
                 label = int(slice_labels[i]) if i < len(slice_labels) else int(
                     (study_masks[i] == 2).any())
+                diameter = (largest_cross_section_mm(study_masks[i] == 2, tuple(spacing))
+                            if spacing else float("nan"))
             else:
                 mask = np.full((spec.height, spec.width), IGNORE, np.uint8)
                 label = int(slice_labels[i]) if i < len(slice_labels) else -1
+                diameter = float("nan")
             images.append(image)
             labels.append(label)
             masks.append(mask)
             groups.append(sid)
             splits.append(split)
             sources.append(rel)
+            nodule_mm.append(diameter)
     summary = LoadSummary(len(images), tuple(skipped))
     if not images:
         return empty_set(spec.height, spec.width, fingerprint, summary, with_masks=True)
     data = SliceSet(
         images=np.stack(images), labels=np.asarray(labels, np.int64), masks=np.stack(masks),
         groups=np.asarray(groups, dtype=object), splits=np.asarray(splits, dtype=object),
-        sources=np.asarray(sources, dtype=object), fingerprint=fingerprint, summary=summary)
+        sources=np.asarray(sources, dtype=object), fingerprint=fingerprint, summary=summary,
+        nodule_mm=np.asarray(nodule_mm, np.float32))
     if use_cache:
         save_cached(cache_file(data_dir, key), data)
     return data
