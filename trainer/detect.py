@@ -161,3 +161,33 @@ def flip_batch(images: np.ndarray, boxes: Sequence[np.ndarray], rng: np.random.G
             b[:, [1, 3]] = height - b[:, [3, 1]]
         out_boxes.append(b)
     return out, out_boxes
+
+
+def crop_batch(images: np.ndarray, boxes: Sequence[np.ndarray], size: int,
+               rng: np.random.Generator, stride: int = 4, focus: float = 0.7
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Random ``size`` x ``size`` windows (origins on the stride grid) of images (N, 1, H, W)
+    and their boxes, shifted; a box stays when its centre lies inside the window (clipped to
+    it). With probability ``focus`` a slice with boxes gets a window around one of them. The
+    detector is fully convolutional: training on windows costs (size / H)^2 of whole slices."""
+    height, width = images.shape[-2:]
+    if size >= min(height, width):
+        return images, list(boxes)
+    out = np.empty((len(images), images.shape[1], size, size), images.dtype)
+    out_boxes = []
+    for i, b in enumerate(boxes):
+        if len(b) and rng.random() < focus:
+            x0, y0, x1, y1 = b[rng.integers(len(b))]
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            left = int(np.clip(cx - rng.uniform(0.15, 0.85) * size, 0, width - size))
+            top = int(np.clip(cy - rng.uniform(0.15, 0.85) * size, 0, height - size))
+        else:
+            left = int(rng.integers(0, width - size + 1))
+            top = int(rng.integers(0, height - size + 1))
+        left, top = left - left % stride, top - top % stride
+        out[i] = images[i, :, top:top + size, left:left + size]
+        shifted = b - np.array([left, top, left, top], np.float32)
+        centre = (shifted[:, :2] + shifted[:, 2:]) / 2
+        inside = np.all((centre >= 0) & (centre < size), axis=1)
+        out_boxes.append(np.clip(shifted[inside], 0, size).astype(np.float32))
+    return out, out_boxes

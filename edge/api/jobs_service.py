@@ -49,7 +49,12 @@ def event_proto(event: ResultEvent) -> jobs_pb2.ResultEvent:
         state=_STATES[event.state], destination=event.destination,
         has_classification=event.probability is not None,
         probability=event.probability or 0.0, positive=bool(event.positive),
-        volumes_ml=dict(event.volumes_ml), error=event.error, time_unix_s=time.time())
+        volumes_ml=dict(event.volumes_ml), error=event.error, time_unix_s=time.time(),
+        nodules=[jobs_pb2.Nodule(label=n.label, score=n.score, diameter_mm=n.diameter_mm,
+                                 center_voxel=list(n.center_voxel),
+                                 center_mm=list(n.center_mm or ()),
+                                 sop_instance_uid=n.sop_instance_uid, box=list(n.box))
+                 for n in event.nodules])
 
 
 def job_proto(ledger_record: queries.SeriesRecord, orchestrator: Orchestrator,

@@ -15,11 +15,41 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from edge.postprocess.results import SeriesDetection
+
 
 class ResultState(str, enum.Enum):
     WRITTEN = "written"  # fsync'd and recorded in the ledger, deliveries queued
     DELIVERED = "delivered"  # a destination accepted it
     DEAD = "dead"  # a destination refused it for good, or the retries ran out
+
+
+@dataclass(frozen=True)
+class NoduleFinding:
+    """One detected nodule as the event stream reports it (small: no per-slice boxes)."""
+
+    label: str
+    score: float
+    diameter_mm: float
+    center_voxel: tuple[float, float, float]  # slice, row, column (volume order)
+    center_mm: tuple[float, float, float] | None  # patient LPS
+    sop_instance_uid: str  # the slice of its largest box
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 on that slice, pixels
+
+
+def nodule_findings(detection: SeriesDetection | None) -> tuple[NoduleFinding, ...]:
+    """The candidates of ``detection`` as :class:`NoduleFinding` (none without one)."""
+    if detection is None:
+        return ()
+    out = []
+    for c in detection.candidates:
+        if not c.boxes:
+            continue
+        index, b = max(c.boxes, key=lambda item: (item[1].area, item[1].score))
+        out.append(NoduleFinding(c.label, c.score, c.diameter_mm, c.center_voxel, c.center_mm,
+                                 detection.slices[index].sop_instance_uid,
+                                 (b.x0, b.y0, b.x1, b.y1)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -38,6 +68,7 @@ class ResultEvent:
     positive: bool | None = None
     volumes_ml: Mapping[str, float] = field(default_factory=dict)  # per segment label
     error: str = ""
+    nodules: tuple[NoduleFinding, ...] = ()  # a detector's SR: one per 3D candidate
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from edge.jobs import queries
 from edge.jobs.ledger import InstanceRecord, InstanceState, Ledger, RunState, SeriesState
 from edge.pipeline.accumulator import SeriesAccumulator
 from edge.pipeline.deliveries import DeliveryBook
-from edge.pipeline.events import ResultEvent, ResultFeed, ResultState
+from edge.pipeline.events import ResultEvent, ResultFeed, ResultState, nodule_findings
 from edge.pipeline.metrics import PipelineMetrics
 from edge.pipeline.series_results import (
     ModelRun,
@@ -154,7 +154,8 @@ class SeriesFinalizer:
         event = ResultEvent(study, uid, result.model.name, result.model.version, result.kind,
                             result.sop_instance_uid, ResultState.WRITTEN,
                             probability=result.probability, positive=result.positive,
-                            volumes_ml=dict(result.volumes_ml))
+                            volumes_ml=dict(result.volumes_ml),
+                            nodules=nodule_findings(result.detection))
         with self._book.lock:  # an outcome waits until its delivery is registered
             result_id = self._ledger.add_result(run_id, result.kind, result.path,
                                                 result.sop_instance_uid)
@@ -168,17 +169,19 @@ class SeriesFinalizer:
                 self._book.register(delivery_id, ResultEvent(
                     study, uid, event.model, event.version, event.kind, event.sop_instance_uid,
                     ResultState.WRITTEN, text, event.probability, event.positive,
-                    event.volumes_ml))
+                    event.volumes_ml, nodules=event.nodules))
         return event
 
 
 def _expected_models(pipeline: Pipeline, runs: list[ModelRun]) -> str:
     """The models whose objects the run will hold (the run row is made before the objects
     are, so the SEG can be queued at once): segmenters (SEG, and the SR they own), then
-    classifiers beyond the segmenters' count (their own SR). "-": none expected."""
+    classifiers beyond the segmenters' count (their own SR), then detectors (their own SR).
+    "-": none expected."""
     segmenters = [r for r in runs if r.sidecar.task is Task.SEGMENT]
     classifiers = [r for r in runs if r.sidecar.task is Task.CLASSIFY]
     owners = segmenters if {"seg", "sr"} & set(pipeline.outputs) else []
     if "sr" in pipeline.outputs:
         owners = owners + classifiers[len(segmenters):]
+        owners = owners + [r for r in runs if r.sidecar.task is Task.DETECT]  # own SRs
     return ",".join(dict.fromkeys(str(r.model) for r in owners)) or "-"

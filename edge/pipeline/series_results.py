@@ -32,7 +32,15 @@ from edge.postprocess.aggregate import (
     threshold_for,
     with_component_counts,
 )
-from edge.postprocess.results import SeriesClassification, SeriesSegmentation, VoxelSpacing
+from edge.postprocess.nodules3d import detect_series
+from edge.postprocess.results import (
+    SeriesClassification,
+    SeriesDetection,
+    SeriesSegmentation,
+    SliceDetection,
+    VoxelSpacing,
+)
+from edge.postprocess.slice_boxes import merge_spec, rows_to_boxes
 from edge.preprocess.imaging import restore_geometry
 from edge.preprocess.volume import FrameGeometry, assemble_volume, slice_order
 from edge.repository.sidecar import Sidecar
@@ -72,6 +80,7 @@ class ResultFile:
     probability: float | None = None  # the series classification the SR reports, if any
     positive: bool | None = None
     volumes_ml: tuple[tuple[str, float], ...] = ()  # per segment label
+    detection: SeriesDetection | None = None  # the nodules the SR reports, if any
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,32 @@ def classify(store: SliceStore, series: str, run: ModelRun,
         positive_label=positive,
         from_logits=str(sidecar.postprocess.get("activation", "softmax")) != "none",
         method=str(sidecar.postprocess.get("aggregation", "max")))
+
+
+def detect(store: SliceStore, series: str, run: ModelRun,
+           sources: Sequence[SourceInstance], cache: SeriesAccumulator | None = None,
+           ) -> SeriesDetection | None:
+    """The series result of a detector from its per-frame boxes (None: no slices): slice
+    boxes in volume order, merged into 3D candidates with the sidecar's ``merge`` settings.
+
+    Raises:
+        ValueError: stored boxes that do not decode, or frames that do not form one stack.
+    """
+    frames, outputs = _ordered_outputs(store, series, run, sources, cache)
+    if not frames:
+        return None
+    labels = run.sidecar.labels
+    # assemble_volume orders the frames and measures the spacing; the "pixels" are dummies
+    volume = assemble_volume([np.zeros((1, 1), np.uint8)] * len(frames), frames)
+    rows = {(f.sop_instance_uid, f.frame_number): o for f, o in zip(frames, outputs,
+                                                                       strict=True)}
+    slices = [SliceDetection(f.sop_instance_uid,
+                             rows_to_boxes(rows[(f.sop_instance_uid, f.frame_number)], labels))
+              for f in volume.frames]
+    spacing = VoxelSpacing(row_mm=volume.spacing[1], column_mm=volume.spacing[2],
+                           slice_mm=volume.spacing[0])
+    return detect_series(run.model, labels, slices, spacing, list(volume.frames),
+                         merge_spec(run.sidecar.postprocess))
 
 
 def segment(store: SliceStore, series: str, run: ModelRun,
@@ -201,7 +236,8 @@ def iter_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline
     sends the SEG while the counts and the SR are being made.
 
     Each segmenter is paired with a classifier (in order) in one TID 1500 report; the others
-    get a report of their own. A model whose aggregation or writing fails is reported to
+    get a report of their own, and so does each detector (one group per nodule). A model whose
+    aggregation or writing fails is reported to
     ``on_error`` and left out; the others still produce their results.
 
     Raises:
@@ -209,6 +245,7 @@ def iter_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline
     """
     segs: list[tuple[ModelRun, SeriesSegmentation]] = []
     classes: list[tuple[ModelRun, SeriesClassification]] = []
+    detections: list[tuple[ModelRun, SeriesDetection]] = []
     for run in runs:
         try:
             if run.sidecar.task is Task.SEGMENT:
@@ -219,6 +256,10 @@ def iter_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline
                 cls = classify(store, series, run, sources, cache)
                 if cls is not None:
                     classes.append((run, cls))
+            elif run.sidecar.task is Task.DETECT:
+                det = detect(store, series, run, sources, cache)
+                if det is not None:
+                    detections.append((run, det))
         except (ValueError, ArithmeticError) as exc:
             on_error(run, exc)
     headers = [s.header for s in sources]
@@ -257,3 +298,13 @@ def iter_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline
             "sr", owner.model, path, str(report.SOPInstanceUID),
             cls_arg.probability if cls_arg else None, cls_arg.positive if cls_arg else None,
             tuple(seg_arg[0].volumes_ml.items()) if seg_arg else ())
+    for run, det in detections:  # each detector: its own report, one group per nodule
+        algorithm = AlgorithmInfo(run.model.name, str(run.model.version))
+        try:
+            report = build_report(headers, algorithm, detection=det)
+        except Exception as exc:  # highdicom raises several types for one bad input
+            on_error(run, exc)
+            continue
+        path = folder / f"sr-{run.model.name}-v{run.model.version}.dcm"
+        write_dataset(report, path)
+        yield ResultFile("sr", run.model, path, str(report.SOPInstanceUID), detection=det)

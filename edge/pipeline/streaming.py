@@ -33,6 +33,7 @@ from edge.pipeline.accumulator import SeriesAccumulator, SourceHeader, strip_pix
 from edge.pipeline.intake import InstanceTask
 from edge.pipeline.slices import SliceStore, slice_output
 from edge.postprocess.aggregate import threshold_for
+from edge.postprocess.slice_boxes import decode_frame
 from edge.preprocess.dicom_pixels import decode
 from edge.preprocess.imaging import preprocess_image, restore_geometry
 from edge.preprocess.volume import frame_geometries
@@ -160,7 +161,12 @@ class InstanceProcessor:
             x = preprocess_image(frame, meta, spec)[np.newaxis]
             response = self._submit(served, {input_spec.name: x.astype(input_spec.dtype)},
                                     priority, uid)
-            value = slice_output(sidecar.task, response.outputs[output][0], threshold)
+            if sidecar.task is Task.DETECT:  # decoded now: boxes in the frame's geometry
+                value = decode_frame(response.outputs, sidecar.labels,
+                                     (int(frame.shape[0]), int(frame.shape[1])), spec,
+                                     sidecar.thresholds, sidecar.postprocess)
+            else:
+                value = slice_output(sidecar.task, response.outputs[output][0], threshold)
             self._store.save(series, served.id, uid, index + 1, value)
             if sidecar.task is Task.SEGMENT:  # restored now, while the series streams
                 value = restore_geometry(value, (int(frame.shape[0]), int(frame.shape[1])),

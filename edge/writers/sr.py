@@ -11,7 +11,9 @@ Content (PS3.16 TID 1500 "Measurement Report"):
     (DCM 111406 "Number of similar findings", UCUM "1");
   * for a classification a TID 1501 "Measurements and Qualitative Evaluations" group: finding
     type (e.g. "Nodule"), its Probability (DCM 122157, UCUM "1") referencing the most suspicious
-    slice, and a qualitative evaluation Present (SCT 52101004) / Absent (SCT 272519000).
+    slice, and a qualitative evaluation Present (SCT 52101004) / Absent (SCT 272519000);
+  * per detected nodule a TID 1410 "Planar ROI Measurements" group: SCOORD polyline on the
+    slice of its largest box, long axis (mm), probability (:mod:`edge.writers.sr_nodules`).
 
 Series and SOP Instance UIDs come from :func:`edge.writers.uids.result_uid` (kinds "sr-series" and
 "sr") of the segmentation's model, else the classifier's.
@@ -26,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from edge.postprocess.results import SeriesClassification, SeriesSegmentation
+from edge.postprocess.results import SeriesClassification, SeriesDetection, SeriesSegmentation
 from edge.writers.codes import (
     ABSENT,
     COUNT,
@@ -41,6 +43,7 @@ from edge.writers.codes import (
     coding_for,
 )
 from edge.writers.seg import DEFAULT_DEVICE_SERIAL, order_sources
+from edge.writers.sr_nodules import nodule_groups
 from edge.writers.uids import device_uid, result_uid
 
 SR_SERIES_NUMBER = 9902
@@ -124,6 +127,7 @@ def classification_group(result: SeriesClassification, sources: Sequence[Dataset
 def build_report(sources: Sequence[Dataset], algorithm: AlgorithmInfo, *,
                  segmentation: tuple[SeriesSegmentation, Dataset] | None = None,
                  classification: SeriesClassification | None = None,
+                 detection: SeriesDetection | None = None,
                  device_serial_number: str = DEFAULT_DEVICE_SERIAL,
                  series_number: int = SR_SERIES_NUMBER,
                  codings: Mapping[str, SegmentCoding] | None = None) -> hd.sr.ComprehensiveSR:
@@ -133,13 +137,15 @@ def build_report(sources: Sequence[Dataset], algorithm: AlgorithmInfo, *,
         ValueError: neither result given, or sources missing / from several series.
         ConfigError: a label has no SNOMED CT coding.
     """
-    if segmentation is None and classification is None:
-        raise ValueError("build_report: give a segmentation, a classification or both")
+    if segmentation is None and classification is None and detection is None:
+        raise ValueError("build_report: give a segmentation, a classification or both "
+                         "(or a detection)")
     if not sources:
         raise ValueError("build_report: no source instances")
     order_sources([], sources)  # checks one series
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-                 | hd.sr.MeasurementsAndQualitativeEvaluations] = []
+                 | hd.sr.MeasurementsAndQualitativeEvaluations
+                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     evidence = list(sources)
     if segmentation is not None:
         result, seg = segmentation
@@ -147,8 +153,12 @@ def build_report(sources: Sequence[Dataset], algorithm: AlgorithmInfo, *,
         evidence.append(seg)
     if classification is not None:
         groups.append(classification_group(classification, sources, algorithm, codings))
-    # UIDs follow the segmentation's model when there is one, else the classifier's
-    model = next(r.model for r in (segmentation and segmentation[0], classification) if r)
+    if detection is not None:
+        groups.extend(nodule_groups(detection, sources, algorithm))
+    # UIDs follow the segmentation's model when there is one, else the classifier's, else the
+    # detector's
+    model = next(r.model for r in (segmentation and segmentation[0], classification, detection)
+                 if r)
     series_uid = str(sources[0].SeriesInstanceUID)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(algorithm, device_serial_number),

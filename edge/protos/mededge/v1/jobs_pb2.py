@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _edge_pool.AddSerializedFile(b'\n\x15mededge/v1/jobs.proto\x12\nmededge.v1\"Q\n\x15SubmitInstanceRequest\x12\x12\n\ndicom_file\x18\x01 \x01(\x0c\x12\x12\n\ncalling_ae\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\r\"x\n\x0fInstanceOutcome\x12\r\n\x05index\x18\x01 \x01(\r\x12\x18\n\x10sop_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\r\x12\x0f\n\x07message\x18\x05 \x01(\t\"_\n\rSubmitSummary\x12.\n\tinstances\x18\x01 \x03(\x0b\x32\x1b.mededge.v1.InstanceOutcome\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\r\"G\n\x0cWatchRequest\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\"\xf3\x03\n\x0bResultEvent\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x1f\n\x17result_sop_instance_uid\x18\x06 \x01(\t\x12,\n\x05state\x18\x07 \x01(\x0e\x32\x1d.mededge.v1.ResultEvent.State\x12\x13\n\x0b\x64\x65stination\x18\x08 \x01(\t\x12\x1a\n\x12has_classification\x18\t \x01(\x08\x12\x13\n\x0bprobability\x18\n \x01(\x01\x12\x10\n\x08positive\x18\x0b \x01(\x08\x12:\n\nvolumes_ml\x18\x0c \x03(\x0b\x32&.mededge.v1.ResultEvent.VolumesMlEntry\x12\r\n\x05\x65rror\x18\r \x01(\t\x12\x13\n\x0btime_unix_s\x18\x0e \x01(\x01\x1a\x30\n\x0eVolumesMlEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07WRITTEN\x10\x01\x12\r\n\tDELIVERED\x10\x02\x12\x08\n\x04\x44\x45\x41\x44\x10\x03\",\n\rGetJobRequest\x12\x1b\n\x13series_instance_uid\x18\x01 \x01(\t\"\xa6\x01\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\x03\x12\x18\n\x10sop_instance_uid\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0e\x63reated_unix_s\x18\x07 \x01(\x01\x12\x17\n\x0f\x66inished_unix_s\x18\x08 \x01(\x01\"q\n\x0cResultStatus\x12\x11\n\tresult_id\x18\x01 \x01(\x03\x12\x0e\n\x06run_id\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x04 \x01(\t\x12\x16\n\x0e\x63reated_unix_s\x18\x05 \x01(\x01\"\xc5\x01\n\x0e\x44\x65liveryStatus\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x03\x12\x11\n\tresult_id\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x1b\n\x13next_attempt_unix_s\x18\x08 \x01(\x01\x12\x16\n\x0eupdated_unix_s\x18\t \x01(\x01\"\xbe\x02\n\tJobStatus\x12\x1b\n\x13series_instance_uid\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x10\n\x08modality\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x1a\n\x12instances_received\x18\x05 \x01(\r\x12\x1d\n\x15\x66irst_received_unix_s\x18\x06 \x01(\x01\x12\x1c\n\x14last_received_unix_s\x18\x07 \x01(\x01\x12#\n\x04runs\x18\x08 \x03(\x0b\x32\x15.mededge.v1.RunStatus\x12)\n\x07results\x18\t \x03(\x0b\x32\x18.mededge.v1.ResultStatus\x12.\n\ndeliveries\x18\n \x03(\x0b\x32\x1a.mededge.v1.DeliveryStatus\"V\n\x0fListJobsRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0csince_unix_s\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\x08\"7\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.mededge.v1.JobStatus2\xae\x02\n\tDicomJobs\x12S\n\x0fSubmitInstances\x12!.mededge.v1.SubmitInstanceRequest\x1a\x19.mededge.v1.SubmitSummary\"\x00(\x01\x12\x45\n\x0cWatchResults\x12\x18.mededge.v1.WatchRequest\x1a\x17.mededge.v1.ResultEvent\"\x00\x30\x01\x12<\n\x06GetJob\x12\x19.mededge.v1.GetJobRequest\x1a\x15.mededge.v1.JobStatus\"\x00\x12G\n\x08ListJobs\x12\x1b.mededge.v1.ListJobsRequest\x1a\x1c.mededge.v1.ListJobsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _edge_pool.AddSerializedFile(b'\n\x15mededge/v1/jobs.proto\x12\nmededge.v1\"Q\n\x15SubmitInstanceRequest\x12\x12\n\ndicom_file\x18\x01 \x01(\x0c\x12\x12\n\ncalling_ae\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\r\"x\n\x0fInstanceOutcome\x12\r\n\x05index\x18\x01 \x01(\r\x12\x18\n\x10sop_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\r\x12\x0f\n\x07message\x18\x05 \x01(\t\"_\n\rSubmitSummary\x12.\n\tinstances\x18\x01 \x03(\x0b\x32\x1b.mededge.v1.InstanceOutcome\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\r\"G\n\x0cWatchRequest\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\"\x98\x04\n\x0bResultEvent\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x1f\n\x17result_sop_instance_uid\x18\x06 \x01(\t\x12,\n\x05state\x18\x07 \x01(\x0e\x32\x1d.mededge.v1.ResultEvent.State\x12\x13\n\x0b\x64\x65stination\x18\x08 \x01(\t\x12\x1a\n\x12has_classification\x18\t \x01(\x08\x12\x13\n\x0bprobability\x18\n \x01(\x01\x12\x10\n\x08positive\x18\x0b \x01(\x08\x12:\n\nvolumes_ml\x18\x0c \x03(\x0b\x32&.mededge.v1.ResultEvent.VolumesMlEntry\x12\r\n\x05\x65rror\x18\r \x01(\t\x12\x13\n\x0btime_unix_s\x18\x0e \x01(\x01\x12#\n\x07nodules\x18\x0f \x03(\x0b\x32\x12.mededge.v1.Nodule\x1a\x30\n\x0eVolumesMlEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07WRITTEN\x10\x01\x12\r\n\tDELIVERED\x10\x02\x12\x08\n\x04\x44\x45\x41\x44\x10\x03\"\x8b\x01\n\x06Nodule\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x13\n\x0b\x64iameter_mm\x18\x03 \x01(\x01\x12\x14\n\x0c\x63\x65nter_voxel\x18\x04 \x03(\x01\x12\x11\n\tcenter_mm\x18\x05 \x03(\x01\x12\x18\n\x10sop_instance_uid\x18\x06 \x01(\t\x12\x0b\n\x03\x62ox\x18\x07 \x03(\x01\",\n\rGetJobRequest\x12\x1b\n\x13series_instance_uid\x18\x01 \x01(\t\"\xa6\x01\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\x03\x12\x18\n\x10sop_instance_uid\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0e\x63reated_unix_s\x18\x07 \x01(\x01\x12\x17\n\x0f\x66inished_unix_s\x18\x08 \x01(\x01\"q\n\x0cResultStatus\x12\x11\n\tresult_id\x18\x01 \x01(\x03\x12\x0e\n\x06run_id\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x04 \x01(\t\x12\x16\n\x0e\x63reated_unix_s\x18\x05 \x01(\x01\"\xc5\x01\n\x0e\x44\x65liveryStatus\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\x03\x12\x11\n\tresult_id\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x1b\n\x13next_attempt_unix_s\x18\x08 \x01(\x01\x12\x16\n\x0eupdated_unix_s\x18\t \x01(\x01\"\xbe\x02\n\tJobStatus\x12\x1b\n\x13series_instance_uid\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x10\n\x08modality\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x1a\n\x12instances_received\x18\x05 \x01(\r\x12\x1d\n\x15\x66irst_received_unix_s\x18\x06 \x01(\x01\x12\x1c\n\x14last_received_unix_s\x18\x07 \x01(\x01\x12#\n\x04runs\x18\x08 \x03(\x0b\x32\x15.mededge.v1.RunStatus\x12)\n\x07results\x18\t \x03(\x0b\x32\x18.mededge.v1.ResultStatus\x12.\n\ndeliveries\x18\n \x03(\x0b\x32\x1a.mededge.v1.DeliveryStatus\"V\n\x0fListJobsRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0csince_unix_s\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\x08\"7\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.mededge.v1.JobStatus2\xae\x02\n\tDicomJobs\x12S\n\x0fSubmitInstances\x12!.mededge.v1.SubmitInstanceRequest\x1a\x19.mededge.v1.SubmitSummary\"\x00(\x01\x12\x45\n\x0cWatchResults\x12\x18.mededge.v1.WatchRequest\x1a\x17.mededge.v1.ResultEvent\"\x00\x30\x01\x12<\n\x06GetJob\x12\x19.mededge.v1.GetJobRequest\x1a\x15.mededge.v1.JobStatus\"\x00\x12G\n\x08ListJobs\x12\x1b.mededge.v1.ListJobsRequest\x1a\x1c.mededge.v1.ListJobsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,25 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_start=339
   _globals['_WATCHREQUEST']._serialized_end=410
   _globals['_RESULTEVENT']._serialized_start=413
-  _globals['_RESULTEVENT']._serialized_end=912
-  _globals['_RESULTEVENT_VOLUMESMLENTRY']._serialized_start=794
-  _globals['_RESULTEVENT_VOLUMESMLENTRY']._serialized_end=842
-  _globals['_RESULTEVENT_STATE']._serialized_start=844
-  _globals['_RESULTEVENT_STATE']._serialized_end=912
-  _globals['_GETJOBREQUEST']._serialized_start=914
-  _globals['_GETJOBREQUEST']._serialized_end=958
-  _globals['_RUNSTATUS']._serialized_start=961
-  _globals['_RUNSTATUS']._serialized_end=1127
-  _globals['_RESULTSTATUS']._serialized_start=1129
-  _globals['_RESULTSTATUS']._serialized_end=1242
-  _globals['_DELIVERYSTATUS']._serialized_start=1245
-  _globals['_DELIVERYSTATUS']._serialized_end=1442
-  _globals['_JOBSTATUS']._serialized_start=1445
-  _globals['_JOBSTATUS']._serialized_end=1763
-  _globals['_LISTJOBSREQUEST']._serialized_start=1765
-  _globals['_LISTJOBSREQUEST']._serialized_end=1851
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1853
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1908
-  _globals['_DICOMJOBS']._serialized_start=1911
-  _globals['_DICOMJOBS']._serialized_end=2213
+  _globals['_RESULTEVENT']._serialized_end=949
+  _globals['_RESULTEVENT_VOLUMESMLENTRY']._serialized_start=831
+  _globals['_RESULTEVENT_VOLUMESMLENTRY']._serialized_end=879
+  _globals['_RESULTEVENT_STATE']._serialized_start=881
+  _globals['_RESULTEVENT_STATE']._serialized_end=949
+  _globals['_NODULE']._serialized_start=952
+  _globals['_NODULE']._serialized_end=1091
+  _globals['_GETJOBREQUEST']._serialized_start=1093
+  _globals['_GETJOBREQUEST']._serialized_end=1137
+  _globals['_RUNSTATUS']._serialized_start=1140
+  _globals['_RUNSTATUS']._serialized_end=1306
+  _globals['_RESULTSTATUS']._serialized_start=1308
+  _globals['_RESULTSTATUS']._serialized_end=1421
+  _globals['_DELIVERYSTATUS']._serialized_start=1424
+  _globals['_DELIVERYSTATUS']._serialized_end=1621
+  _globals['_JOBSTATUS']._serialized_start=1624
+  _globals['_JOBSTATUS']._serialized_end=1942
+  _globals['_LISTJOBSREQUEST']._serialized_start=1944
+  _globals['_LISTJOBSREQUEST']._serialized_end=2030
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2032
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2087
+  _globals['_DICOMJOBS']._serialized_start=2090
+  _globals['_DICOMJOBS']._serialized_end=2392
 # @@protoc_insertion_point(module_scope)

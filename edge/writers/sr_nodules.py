@@ -1,0 +1,86 @@
+"""TID 1500 measurement groups for detected nodules (one TID 1410 group per 3D candidate).
+
+Each :class:`~edge.postprocess.results.NoduleCandidate` becomes a "Planar ROI Measurements and
+Qualitative Evaluations" group (PS3.16 TID 1410):
+
+- image region: a closed SCOORD POLYLINE (the box's four corners, first = last) on the slice
+  where the candidate's box is largest (the slice its long axis is measured on), in the
+  continuous pixel coordinates of PS3.3 C.18.6.1.1 (column, row; (0, 0) the top-left corner of
+  the top-left pixel), which are the boxes' own (docs/detection.md);
+- finding type Nodule (SCT 27925004), finding site Lung;
+- measurements: Long axis (SCT 103339001) in mm (UCUM "mm") and Probability (DCM 122157, "1");
+- tracking identifier: a deterministic UID per (series, model, candidate index) and the text
+  ``nodule N``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from edge.postprocess.results import Box, NoduleCandidate, SeriesDetection
+from edge.writers.codes import NO_UNITS, NODULE, PROBABILITY, AlgorithmInfo
+from edge.writers.uids import result_uid
+
+MM = Code("mm", "UCUM", "millimeter")
+LONG_AXIS = codes.SCT.LongAxis  # (103339001, SCT)
+
+
+def largest_box(candidate: NoduleCandidate) -> tuple[int, Box]:
+    """(slice index, box) of the candidate's largest box.
+
+    Raises:
+        ValueError: a candidate without boxes.
+    """
+    if not candidate.boxes:
+        raise ValueError("nodule candidate has no boxes")
+    return max(candidate.boxes, key=lambda item: (item[1].area, item[1].score))
+
+
+def polyline(box: Box) -> np.ndarray:
+    """The closed outline of ``box``: five (column, row) points, first = last."""
+    return np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1],
+                     [box.x0, box.y0]], np.float32)
+
+
+def nodule_groups(result: SeriesDetection, sources: Sequence[Dataset], algorithm: AlgorithmInfo
+                  ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per candidate, in the order of ``result.candidates``.
+
+    Raises:
+        ValueError: a candidate's slice is not among ``result.slices`` or its instance not
+            among ``sources``.
+    """
+    by_uid = {str(s.SOPInstanceUID): s for s in sources}
+    series_uid = str(sources[0].SeriesInstanceUID)
+    groups = []
+    for number, candidate in enumerate(result.candidates, start=1):
+        index, box = largest_box(candidate)
+        if not 0 <= index < len(result.slices):
+            raise ValueError(f"nodule {number}: slice {index} is outside the series")
+        uid = result.slices[index].sop_instance_uid
+        if uid not in by_uid:
+            raise ValueError(f"nodule {number}: instance {uid} is not a source")
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=polyline(box),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(by_uid[uid]))
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=result_uid(series_uid, result.model, "sr-nodule", number),
+                identifier=f"nodule {number}"),
+            referenced_region=region, finding_type=NODULE.property_type,
+            finding_category=NODULE.category,
+            finding_sites=[hd.sr.FindingSite(NODULE.anatomic_region)]
+            if NODULE.anatomic_region else None,
+            algorithm_id=algorithm.sr_identification(),
+            measurements=[
+                hd.sr.Measurement(name=LONG_AXIS, value=round(float(candidate.diameter_mm), 2),
+                                  unit=MM),
+                hd.sr.Measurement(name=PROBABILITY, value=round(float(candidate.score), 4),
+                                  unit=NO_UNITS)]))
+    return groups
