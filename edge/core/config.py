@@ -282,6 +282,10 @@ class PipelineSettings(_Section):
     workers: int = Field(default=2, ge=1)  # decode + preprocess threads
     results_dir: Path | None = None  # None: <server.data_dir>/results
     deadline_s: float = Field(default=300.0, gt=0)  # per slice inference request
+    # Heatmaps of positive classifications (models with a ``cam`` output): a Secondary Capture
+    # overlay, a Parametric Map, or nothing; for this many of the most suspicious slices.
+    cam_output: Literal["sc", "pm", "none"] = "sc"
+    cam_slices: int = Field(default=1, ge=0)
 
 
 class Settings(_Section):

@@ -30,6 +30,7 @@ from edge.dispatch.worker import DeliveryWorker
 from edge.jobs import queries
 from edge.jobs.ledger import InstanceRecord, InstanceState, Ledger, RunState, SeriesState
 from edge.pipeline.accumulator import SeriesAccumulator
+from edge.pipeline.cam_results import cam_results
 from edge.pipeline.deliveries import DeliveryBook
 from edge.pipeline.events import ResultEvent, ResultFeed, ResultState, nodule_findings
 from edge.pipeline.metrics import PipelineMetrics
@@ -45,6 +46,7 @@ from edge.preprocess.volume import frame_geometries
 from edge.routing.rules import Pipeline, Routing
 from edge.routing.series import SeriesInfo
 from edge.scheduler.manager import ModelManager
+from edge.writers.cam import CamOutput
 
 LOG = logging.getLogger(__name__)
 
@@ -105,11 +107,19 @@ class SeriesFinalizer:
             study = records[0].identity.study_instance_uid
             run_id = self._ledger.create_run(uid, pipeline.name, _expected_models(pipeline, runs),
                                              fingerprint=fp)
+            folder = self._results_dir / uid / pipeline.name
+            results = cam_results(
+                iter_pipeline_results(folder, self._store, uid, pipeline, runs, covered,
+                                      model_failed, self._accumulator),
+                folder, {r.model.name: r for r in runs},
+                lambda r: self._manager.get(r.model.name, r.model.version),
+                {r.identity.sop_instance_uid: r.path for r in records},
+                CamOutput(self._settings.pipeline.cam_output),
+                self._settings.pipeline.cam_slices, self._settings.pipeline.deadline_s,
+                model_failed)
             try:
                 events = [self._record(run_id, uid, study, pipeline, result, last_received_at)
-                          for result in iter_pipeline_results(
-                              self._results_dir / uid / pipeline.name, self._store, uid,
-                              pipeline, runs, covered, model_failed, self._accumulator)]
+                          for result in results]
             except Exception as exc:  # the series stays unfinished: rebuilt at next start
                 self._ledger.set_run_state(run_id, RunState.FAILED,
                                            f"interrupted: {type(exc).__name__}: {exc}")

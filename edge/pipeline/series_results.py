@@ -81,6 +81,7 @@ class ResultFile:
     positive: bool | None = None
     volumes_ml: tuple[tuple[str, float], ...] = ()  # per segment label
     detection: SeriesDetection | None = None  # the nodules the SR reports, if any
+    classification: SeriesClassification | None = None  # the verdict the SR reports, if any
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,7 @@ def iter_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline
         yield ResultFile(
             "sr", owner.model, path, str(report.SOPInstanceUID),
             cls_arg.probability if cls_arg else None, cls_arg.positive if cls_arg else None,
-            tuple(seg_arg[0].volumes_ml.items()) if seg_arg else ())
+            tuple(seg_arg[0].volumes_ml.items()) if seg_arg else (), classification=cls_arg)
     for run, det in detections:  # each detector: its own report, one group per nodule
         algorithm = AlgorithmInfo(run.model.name, str(run.model.version))
         try:
