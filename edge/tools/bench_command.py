@@ -5,6 +5,8 @@
 ``mededge bench convert --work DIR``: INT8 vs FP32 on this CPU (speed-up and metric drop).
 ``mededge bench ttr --work DIR`` (or ``bench dicom --ttr``): time from the last C-STORE response
 to the SEG at the PACS, against the last slice's compute.
+``mededge bench detect --repo REPO --model NAME``: detector throughput, raw ONNX Runtime vs via
+the scheduler, and the sliding-window overhead over the raw tile compute.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _ttr_arguments(ttr)
     _convert_arguments(sub.add_parser(
         "convert", help="INT8 vs FP32 on ONNX Runtime CPU: throughput ratio and metric drop"))
+    detect = sub.add_parser("detect", help="detector: raw ORT vs scheduler, sliding window")
+    detect.add_argument("--repo", type=Path, default=Path("work/models"))
+    detect.add_argument("--model", default="nodule_det")
+    detect.add_argument("--seconds", type=float, default=4.0, help="length of each measurement")
+    detect.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians")
+    detect.add_argument("--out", type=Path, help="write the results as JSON here")
 
 
 def _ttr_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_dicom(args)
     if args.bench == "convert":
         return _run_convert(args)
+    if args.bench == "detect":
+        from edge.tools import bench_detect
+
+        return bench_detect.main(args.repo, args.model, args.seconds, args.rounds, args.out)
     from edge.tools import bench_serve
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
