@@ -36,6 +36,8 @@ demo: install
 	$(VENV)/bin/mededge synth --out $(WORK)/data --studies 24 --seed 7
 	$(VENV)/bin/mededge train classify --data $(WORK)/data --repo $(WORK)/models --model nodule_cls
 	$(VENV)/bin/mededge train segment --data $(WORK)/data --repo $(WORK)/models --model lung_seg
+	$(VENV)/bin/mededge train detect --data $(WORK)/data --repo $(WORK)/models --model nodule_det
+	$(PY) -m edge.tools.demo_detect --data $(WORK)/data --repo $(WORK)/models --out $(WORK)/demo
 	$(VENV)/bin/mededge models --repo $(WORK)/models
 	# serve the models: one inference per model over KServe v2 gRPC, then a study pushed with
 	# C-STORE comes back as SEG + SR at a local Orthanc, with a PNG overlay of the SEG; where
