@@ -30,8 +30,8 @@ DEFAULTS = {
 #: stride (0 = deepest stage, no decoder), and the visible-nodule rule's diameter (mm).
 CLASSIFY_CROP, CLASSIFY_HEAD_STRIDE, MIN_VISIBLE_MM = 128, 4, 3.0
 
-#: Tasks trained by their own modules (trainer/detect_train.py).
-OTHER_TASKS = ("detect",)
+#: Tasks trained by their own modules (trainer/detect_train.py, trainer/train3d.py).
+OTHER_TASKS = ("detect", "segment3d")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
         from trainer.detect_train import run_detect
 
         return run_detect(args)
+    if args.task == "segment3d":
+        from trainer.train3d import run_segment3d
+
+        return run_segment3d(args)
     import torch
 
     from trainer import distributed

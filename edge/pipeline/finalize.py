@@ -110,7 +110,9 @@ class SeriesFinalizer:
             folder = self._results_dir / uid / pipeline.name
             results = cam_results(
                 iter_pipeline_results(folder, self._store, uid, pipeline, runs, covered,
-                                      model_failed, self._accumulator),
+                                      model_failed, self._accumulator,
+                                      lambda r: self._manager.get(r.model.name,
+                                                                  r.model.version)),
                 folder, {r.model.name: r for r in runs},
                 lambda r: self._manager.get(r.model.name, r.model.version),
                 {r.identity.sop_instance_uid: r.path for r in records},

@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from edge.core.durable import write_atomically
+from edge.core.errors import MededgeError
 from edge.core.types import ModelId, Task
 from edge.pipeline.accumulator import SeriesAccumulator
 from edge.pipeline.slices import SliceStore
@@ -41,10 +42,12 @@ from edge.postprocess.results import (
     VoxelSpacing,
 )
 from edge.postprocess.slice_boxes import merge_spec, rows_to_boxes
+from edge.postprocess.sliding_window import WindowSpec, sliding_window_inference
 from edge.preprocess.imaging import restore_geometry
 from edge.preprocess.volume import FrameGeometry, assemble_volume, slice_order
 from edge.repository.sidecar import Sidecar
 from edge.routing.rules import Pipeline
+from edge.scheduler.model import ServedModel
 from edge.writers.codes import AlgorithmInfo
 from edge.writers.seg import build_segmentation
 from edge.writers.sr import build_report
@@ -201,6 +204,47 @@ def segment(store: SliceStore, series: str, run: ModelRun,
         measure_components=measure_components)
 
 
+def segment3d(store: SliceStore, series: str, run: ModelRun, sources: Sequence[SourceInstance],
+              served: ServedModel, cache: SeriesAccumulator | None = None, *,
+              measure_components: bool = True) -> SeriesSegmentation | None:
+    """The series label map of a 3D segmenter (sidecar ``postprocess.dims: 3``): the slices the
+    workers preprocessed, stacked in volume order, through
+    :func:`~edge.postprocess.sliding_window.sliding_window_inference` (windows of
+    ``postprocess.patch``, ``overlap``, batched through the scheduler), argmax, each slice
+    mapped back to its frame.
+
+    Raises:
+        DataError: the frames do not form one stack.
+        MededgeError: scheduler or backend failures (queue full, deadline, backend error).
+        ValueError: a patch that does not fit the model, or labels that disagree.
+    """
+    shapes = Counter((int(getattr(s.header, "Rows", 0)), int(getattr(s.header, "Columns", 0)))
+                     for s in sources)
+    if not shapes:
+        return None
+    shape = shapes.most_common(1)[0][0]
+    frames, slices = _ordered_outputs(store, series, run, [
+        s for s in sources
+        if (int(getattr(s.header, "Rows", 0)), int(getattr(s.header, "Columns", 0))) == shape],
+        cache)
+    if not frames:
+        return None
+    stacked = assemble_volume([s.astype(np.float32) for s in slices], frames)
+    post = run.sidecar.postprocess
+    window = WindowSpec(size=tuple(int(v) for v in post.get("patch", (32, 64, 64))),
+                        overlap=float(post.get("overlap", 0.25)))
+    logits = sliding_window_inference(stacked.voxels[None], served, window,
+                                      str(post.get("output") or "logits"))
+    labels = logits.argmax(axis=0).astype(np.uint8)
+    label_map = np.stack([restore_geometry(m, shape, run.sidecar.preprocess) for m in labels])
+    spacing = VoxelSpacing(row_mm=stacked.spacing[1], column_mm=stacked.spacing[2],
+                           slice_mm=stacked.spacing[0])
+    return segment_series_from_labels(
+        run.model, run.sidecar.labels, stacked.source_sop_instance_uids, label_map, spacing,
+        min_component_voxels=int(post.get("min_component_voxels", 0)),
+        measure_components=measure_components)
+
+
 def write_dataset(dataset: Dataset, path: Path) -> None:
     """Write a DICOM file atomically and durably (fsync file and folder).
 
@@ -230,7 +274,9 @@ def build_pipeline_results(folder: Path, store: SliceStore, series: str, pipelin
 def iter_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline: Pipeline,
                           runs: Sequence[ModelRun], sources: Sequence[SourceInstance],
                           on_error: Callable[[ModelRun, Exception], None],
-                          cache: SeriesAccumulator | None = None) -> Iterator[ResultFile]:
+                          cache: SeriesAccumulator | None = None,
+                          served_for: Callable[[ModelRun], ServedModel] | None = None,
+                          ) -> Iterator[ResultFile]:
     """Aggregate each model's slices and write its objects, yielding each written (fsync'd)
     file at once: every SEG first, then the SRs. Component counts, which only the SR reports,
     are measured after the SEGs were yielded, so a caller that queues each file as it comes
@@ -249,7 +295,15 @@ def iter_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline
     detections: list[tuple[ModelRun, SeriesDetection]] = []
     for run in runs:
         try:
-            if run.sidecar.task is Task.SEGMENT:
+            if run.sidecar.task is Task.SEGMENT and int(run.sidecar.postprocess.get(
+                    "dims", 2)) == 3:
+                if served_for is None:
+                    raise ValueError(f"{run.model}: a 3D segmenter needs the served model")
+                seg = segment3d(store, series, run, sources, served_for(run), cache,
+                                measure_components=False)
+                if seg is not None:
+                    segs.append((run, seg))
+            elif run.sidecar.task is Task.SEGMENT:
                 seg = segment(store, series, run, sources, cache, measure_components=False)
                 if seg is not None:
                     segs.append((run, seg))
@@ -261,7 +315,7 @@ def iter_pipeline_results(folder: Path, store: SliceStore, series: str, pipeline
                 det = detect(store, series, run, sources, cache)
                 if det is not None:
                     detections.append((run, det))
-        except (ValueError, ArithmeticError) as exc:
+        except (ValueError, ArithmeticError, MededgeError) as exc:
             on_error(run, exc)
     headers = [s.header for s in sources]
     seg_objects: list[tuple[ModelRun, SeriesSegmentation, Dataset]] = []

@@ -157,8 +157,14 @@ class InstanceProcessor:
         priority = scheduler_priority(dimse, rule_priority, levels)
         threshold = threshold_for(sidecar.thresholds, sidecar.labels[-1])
         series, uid = task.series_instance_uid, task.sop_instance_uid
+        volumetric = int(sidecar.postprocess.get("dims", 2)) == 3
         for index, frame in enumerate(frames):
             x = preprocess_image(frame, meta, spec)[np.newaxis]
+            if volumetric:  # a 3D model: keep the preprocessed slice for finalize's window
+                value = x[0, 0].astype(np.float16)
+                self._store.save(series, served.id, uid, index + 1, value)
+                self._accumulator.add_output(series, served.id, uid, index + 1, value)
+                continue
             response = self._submit(served, {input_spec.name: x.astype(input_spec.dtype)},
                                     priority, uid)
             if sidecar.task is Task.DETECT:  # decoded now: boxes in the frame's geometry
