@@ -37,7 +37,7 @@ def _trained_classifier() -> torch.nn.Module:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(40):
-        x, m, _ = _blobs(16, rng)
+        x, m, _ = _blobs(8, rng)
         logits, dense = model(torch.from_numpy(x))
         target = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(m)[:, None],
                                                          dense.shape[-2:])

@@ -50,7 +50,7 @@ def test_detector_heads_have_stride_4() -> None:
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "data"
-    assert cli(["synth", "--out", str(out), "--studies", "5", "--seed", "1", "--size", "64",
+    assert cli(["synth", "--out", str(out), "--studies", "4", "--seed", "1", "--size", "64",
                 "--slices-min", "8", "--slices-max", "10", "--quiet"]) == 0
     return out
 
