@@ -44,7 +44,7 @@ from trainer.models_detect import HEAD_NAMES, STRIDE, DetectorSpec, build_detect
 log = logging.getLogger(__name__)
 
 #: epochs, samples per epoch, batch, lr, input size, widths: a few minutes on 2 CPU cores.
-DEFAULTS = (10, 768, 16, 3e-3, 256, "16,32,64")
+DEFAULTS = (30, 1024, 16, 3e-3, 256, "16,32,64")
 #: Training window (px of the model input): whole slices cost 4x as much at 256.
 CROP = 128
 LABELS = ("nodule",)
