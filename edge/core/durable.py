@@ -9,6 +9,11 @@ from pathlib import Path
 
 def fsync_dir(path: Path) -> None:
     """Flush a directory's entries (a rename into it) to disk."""
+    fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

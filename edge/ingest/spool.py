@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.core.durable import fsync_path
 from edge.core.errors import MededgeError
 from edge.ingest.uids import InstanceIdentity
 
@@ -53,14 +54,6 @@ class Recovery:
 
     promoted: tuple[Path, ...]  # complete .part files renamed to their final name
     removed: int  # incomplete or superseded temporary files
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mount_of(path: Path) -> tuple[str, str]:
@@ -139,9 +132,9 @@ class Spool:
                 part.unlink(missing_ok=True)
                 removed += 1
                 continue
-            _fsync_path(part)
+            fsync_path(part)
             os.replace(part, target[0])
-            _fsync_path(part.parent)
+            fsync_path(part.parent)
             promoted.append(target[0])
         if promoted:
             LOG.warning("spool: finished %d interrupted renames", len(promoted))
@@ -180,7 +173,7 @@ class Spool:
             pass
         else:
             if not self.one_flush:  # its rename may not have been flushed yet
-                _fsync_path(final.parent)
+                fsync_path(final.parent)
             return existing
         if not self.has_room():
             raise OutOfResourcesError(
@@ -200,7 +193,7 @@ class Spool:
                 os.close(fd)
             os.replace(tmp, final)
             if not self.one_flush:
-                _fsync_path(final.parent)
+                fsync_path(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -222,7 +215,7 @@ class Spool:
                 path.mkdir()
             except FileExistsError:  # another association made it meanwhile
                 continue
-            _fsync_path(path.parent)
+            fsync_path(path.parent)
 
     def remove(self, path: Path) -> None:
         """Delete a spooled file and the series/study directories it leaves empty.

@@ -25,29 +25,6 @@ from edge.repository.model_config import parse_model_config
 X = np.arange(12, dtype=np.float32).reshape(3, 4) - 5.0
 
 
-def _free_port_block(count: int) -> int:
-    """A port p with p .. p+count-1 free right now (Triton takes grpc, http, metrics)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            held = []
-            for port in range(base, base + count):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise RuntimeError("no block of free ports")
-
-
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return add_scale(tmp_path_factory.mktemp("onnx") / "add.onnx", scale=3.0, offset=0.5)
