@@ -13,7 +13,12 @@ Content (PS3.16 TID 1500 "Measurement Report"):
     type (e.g. "Nodule"), its Probability (DCM 122157, UCUM "1") referencing the most suspicious
     slice, and a qualitative evaluation Present (SCT 52101004) / Absent (SCT 272519000);
   * per detected nodule a TID 1410 "Planar ROI Measurements" group: SCOORD polyline on the
-    slice of its largest box, long axis (mm), probability (:mod:`edge.writers.sr_nodules`).
+    slice of its largest box, long axis (mm), probability; and a TID 1411 group with the same
+    tracking identifier whose region is a SCOORD3D ellipsoid in patient coordinates
+    (:mod:`edge.writers.sr_nodules`).
+
+A report with SCOORD3D content (nodules placed in space) is a Comprehensive 3D SR; otherwise a
+Comprehensive SR.
 
 Series and SOP Instance UIDs come from :func:`edge.writers.uids.result_uid` (kinds "sr-series" and
 "sr") of the segmentation's model, else the classifier's.
@@ -130,7 +135,8 @@ def build_report(sources: Sequence[Dataset], algorithm: AlgorithmInfo, *,
                  detection: SeriesDetection | None = None,
                  device_serial_number: str = DEFAULT_DEVICE_SERIAL,
                  series_number: int = SR_SERIES_NUMBER,
-                 codings: Mapping[str, SegmentCoding] | None = None) -> hd.sr.ComprehensiveSR:
+                 codings: Mapping[str, SegmentCoding] | None = None
+                 ) -> hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR:
     """Build the TID 1500 report of a series; ``sources`` are the CT headers.
 
     Raises:
@@ -147,14 +153,14 @@ def build_report(sources: Sequence[Dataset], algorithm: AlgorithmInfo, *,
                  | hd.sr.MeasurementsAndQualitativeEvaluations
                  | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     evidence = list(sources)
+    nodules = nodule_groups(detection, sources, algorithm) if detection is not None else []
     if segmentation is not None:
         result, seg = segmentation
         groups.extend(segment_groups(result, seg, algorithm, codings))
         evidence.append(seg)
     if classification is not None:
         groups.append(classification_group(classification, sources, algorithm, codings))
-    if detection is not None:
-        groups.extend(nodule_groups(detection, sources, algorithm))
+    groups.extend(nodules)
     # UIDs follow the segmentation's model when there is one, else the classifier's, else the
     # detector's
     model = next(r.model for r in (segmentation and segmentation[0], classification, detection)
@@ -163,7 +169,11 @@ def build_report(sources: Sequence[Dataset], algorithm: AlgorithmInfo, *,
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(algorithm, device_serial_number),
         procedure_reported=procedure_reported(sources[0]), imaging_measurements=groups)
-    return hd.sr.ComprehensiveSR(
+    # SCOORD3D content needs the Comprehensive 3D SR IOD (PS3.3 A.35.13)
+    has_3d = any(isinstance(g, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations)
+                 for g in nodules)
+    iod = hd.sr.Comprehensive3DSR if has_3d else hd.sr.ComprehensiveSR
+    return iod(
         evidence=evidence, content=report,
         series_instance_uid=result_uid(series_uid, model, "sr-series"),
         series_number=series_number,
