@@ -34,26 +34,59 @@ def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: flo
     return (alpha_t * ce * (1 - p_t) ** gamma).sum() / target.sum().clamp(min=1.0)
 
 
+#: Width (px of the model input) of the band just outside the lung that ``lung-border``
+#: negatives are drawn from: mediastinum, hila, chest wall (at 256 px, ~10 mm).
+BORDER_PX = 8
+
+
+def _outside_lung_band(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within ``width`` px of the lung but not in it (and not nodule)."""
+    import cv2
+
+    lung = (mask == LUNG) | (mask == NODULE)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1))
+    return cv2.dilate(lung.astype(np.uint8), kernel).astype(bool) & ~lung
+
+
 def crop_origins(masks: np.ndarray | None, labels: np.ndarray, crop: int,
-                 rng: np.random.Generator) -> np.ndarray:
-    """Top-left corners (N, 2) of ``crop``-sized windows: centred near a random nodule pixel
-    (jitter up to a quarter window) on positive slices; on negative ones, half the time on a
-    random lung pixel (vessels: the hard negatives), otherwise anywhere (mediastinum, chest
-    wall, air: what the max readout also sees at inference); always inside the frame."""
+                 rng: np.random.Generator, negatives: str = "lung") -> np.ndarray:
+    """Top-left corners (N, 2) of ``crop``-sized windows, always inside the frame.
+
+    Positive slices: centred near a random nodule pixel (jitter up to a quarter window).
+    Negative slices, ``negatives="lung"``: half the time on a random lung pixel (vessels: the
+    hard negatives), otherwise anywhere (mediastinum, chest wall, air: what the max readout
+    also sees at inference). ``"lung-border"``: a third each on a lung pixel, on a pixel in
+    the band just outside the lung (:data:`BORDER_PX`: the mediastinum and hila, where the
+    single-slice model's strongest false positives were), and anywhere.
+
+    Raises:
+        ValueError: no class maps, or an unknown ``negatives`` mode.
+    """
     n = len(labels)
     if masks is None:
         raise ValueError("crop sampling needs class maps")
+    if negatives not in ("lung", "lung-border"):
+        raise ValueError(f"unknown negatives mode {negatives!r}")
     h, w = masks.shape[1:]
     out = np.zeros((n, 2), np.int64)
     for i in range(n):
-        want = NODULE if labels[i] == 1 else LUNG
-        if want == LUNG and rng.random() < 0.5:  # half the negatives: anywhere in the frame
-            want = -1
-        ys, xs = np.nonzero(masks[i] == want)
-        if ys.size:
-            k = int(rng.integers(ys.size))
+        region: np.ndarray | None = None
+        jitter = False
+        if labels[i] == 1:
+            region, jitter = masks[i] == NODULE, True
+        else:
+            u = rng.random()
+            if negatives == "lung":
+                region = masks[i] == LUNG if u < 0.5 else None
+            elif u < 1 / 3:
+                region = masks[i] == LUNG
+            elif u < 2 / 3:
+                region = _outside_lung_band(masks[i], BORDER_PX)
+        ys, xs = np.nonzero(region) if region is not None else ((), ())
+        if len(ys):
+            k = int(rng.integers(len(ys)))
             cy, cx = int(ys[k]), int(xs[k])
-            if want == NODULE:
+            if jitter:
                 cy += int(rng.integers(-crop // 4, crop // 4 + 1))
                 cx += int(rng.integers(-crop // 4, crop // 4 + 1))
         else:
@@ -68,9 +101,9 @@ class ClassifyHooks:
     primary_metric = "auc"
 
     def __init__(self, threshold: float = 0.5, min_visible_mm: float = 3.0, crop: int = 0,
-                 dense_weight: float = 1.0) -> None:
+                 dense_weight: float = 1.0, negatives: str = "lung") -> None:
         self.threshold, self.min_visible_mm = threshold, min_visible_mm
-        self.crop, self.dense_weight = crop, dense_weight
+        self.crop, self.dense_weight, self.negatives = crop, dense_weight, negatives
         self._ce = torch.nn.CrossEntropyLoss()
 
     def slice_labels(self, data: SliceSet) -> np.ndarray:
@@ -91,7 +124,7 @@ class ClassifyHooks:
         if self.crop and self.crop < min(images.shape[-2:]) and usable:
             assert masks is not None
             c = self.crop
-            corners = crop_origins(masks, labels, c, rng)
+            corners = crop_origins(masks, labels, c, rng, self.negatives)
             pairs = zip(images, masks, corners, strict=True)
             images, masks = (np.stack(a) for a in zip(*[
                 (im[:, y:y + c, x:x + c], m[y:y + c, x:x + c]) for im, m, (y, x) in pairs],

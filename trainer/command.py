@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from edge.core.errors import DataError, MededgeError
@@ -29,6 +30,10 @@ DEFAULTS = {
 #: Classifier only: training window (px of the model input; 0 = whole frame), evidence-map
 #: stride (0 = deepest stage, no decoder), and the visible-nodule rule's diameter (mm).
 CLASSIFY_CROP, CLASSIFY_HEAD_STRIDE, MIN_VISIBLE_MM = 128, 4, 3.0
+#: Classifier: neighbours stacked on each side (PreprocessSpec.context_slices) and where
+#: negative windows are drawn (trainer/classify.py: crop_origins).
+CLASSIFY_CONTEXT, CLASSIFY_NEGATIVES = 0, "lung"
+NEGATIVE_MODES = ("lung", "lung-border")
 
 #: Tasks trained by their own modules (trainer/detect_train.py, trainer/train3d.py).
 OTHER_TASKS = ("detect", "segment3d")
@@ -61,6 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classify: train on windows this size (0: whole frames)")
     parser.add_argument("--head-stride", type=int, default=CLASSIFY_HEAD_STRIDE,
                         help="classify: evidence-map stride (0: deepest stage, no decoder)")
+    parser.add_argument("--context-slices", type=int, default=None,
+                        help="classify/detect: 2.5D input, each slice stacked with this many "
+                             "neighbours on each side along the slice normal (0: one slice; "
+                             "default per task)")
+    parser.add_argument("--negatives", choices=NEGATIVE_MODES, default=CLASSIFY_NEGATIVES,
+                        help="classify: where negative training windows are centred: 'lung' "
+                             "(half on lung pixels, half anywhere) or 'lung-border' (a third "
+                             "each on lung pixels, just outside the lung, anywhere)")
     parser.add_argument("--threshold", type=float,
                         help="classification threshold (default: Youden's J on validation)")
     parser.add_argument("--seed", type=int, default=0)
@@ -76,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, help="config.pbtxt")
     parser.add_argument("--coco", type=Path,
                         help="detect: COCO box file (default DATA/labels/boxes_coco.json)")
+    parser.add_argument("--patch", help="segment3d: training and serving patch as "
+                                         "SLICES,ROWS,COLUMNS (default 32,64,64)")
 
 
 def labels_for(task: str) -> tuple[str, ...]:
@@ -95,10 +110,13 @@ def prepare_data(args: argparse.Namespace, spec: PreprocessSpec) -> SliceSet:
         header = args.labels_csv.read_text().splitlines()[:1]
         if header and "label" not in header[0].split(",") and "nodule_present" in header[0]:
             column = "nodule_present"
-    data = load_data(args.data, spec, labels=labels_for(args.task), labels_csv=args.labels_csv,
-                     label_column=column, use_cache=not args.no_cache,
-                     progress=not args.no_progress)
+    # Slices are loaded (and cached) one channel each, then stacked with their neighbours on
+    # the whole set, before any slice is dropped, so each slice gets its real neighbours.
+    data = load_data(args.data, replace(spec, context_slices=0), labels=labels_for(args.task),
+                     labels_csv=args.labels_csv, label_column=column,
+                     use_cache=not args.no_cache, progress=not args.no_progress)
     data.summary.log(str(args.data))
+    data = data.with_context(spec.context_slices)
     data = (drop_unlabelled_masks(data) if args.task == "segment"
             else data.select(data.labels >= 0))
     for split in ("train", "val"):
@@ -130,21 +148,25 @@ def run(args: argparse.Namespace) -> int:
     ctx = distributed.setup(args.device)
     try:
         seed_everything(args.seed)
+        context = CLASSIFY_CONTEXT if args.context_slices is None else args.context_slices
         spec = PreprocessSpec(height=args.size or size, width=args.size or size,
-                              window_center=args.window_center, window_width=args.window_width)
+                              window_center=args.window_center, window_width=args.window_width,
+                              context_slices=context if args.task == "classify" else 0)
         data = prepare_data(args, spec)
         train_set, val_set = data.subset("train"), data.subset("val")
         labels = labels_for(args.task)
         mspec = ModelSpec(task=args.task, num_classes=len(labels),
                           widths=tuple(int(w) for w in (args.widths or widths).split(",")),
-                          head_stride=args.head_stride if args.task == "classify" else 0)
+                          head_stride=args.head_stride if args.task == "classify" else 0,
+                          in_channels=spec.channels)
         work_dir = args.work_dir or args.repo.resolve().parent / "runs" / args.model
         cfg = TrainConfig(
             epochs=args.epochs or epochs, batch_size=args.batch_size or batch,
             lr=args.lr or lr, samples_per_epoch=args.samples_per_epoch or samples,
             seed=args.seed, work_dir=work_dir, resume=args.resume, amp=not args.no_amp,
             progress=not args.no_progress)
-        hooks = (ClassifyHooks(min_visible_mm=args.min_visible_mm, crop=args.crop)
+        hooks = (ClassifyHooks(min_visible_mm=args.min_visible_mm, crop=args.crop,
+                               negatives=args.negatives)
                  if args.task == "classify" else SegmentHooks(labels))
         rule = ({"min_visible_mm": args.min_visible_mm} if args.task == "classify" else {})
         meta = {"format": 1, "task": args.task, "labels": list(labels), "label_rule": rule,

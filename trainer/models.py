@@ -30,6 +30,8 @@ class ModelSpec:
     #: classifier: stride of the evidence map. 0 = the deepest stage's own stride (no decoder);
     #: otherwise a top-down (FPN-lite) path brings deeper stages up to this stride.
     head_stride: int = 0
+    #: input channels: 1, or 2k + 1 for a 2.5D input (``PreprocessSpec.context_slices`` = k)
+    in_channels: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,7 +42,8 @@ class ModelSpec:
                    widths=tuple(data["widths"]), layers=tuple(data["layers"]),
                    stem_stride=int(data.get("stem_stride", 2)),
                    stem_pool=bool(data.get("stem_pool", True)),
-                   head_stride=int(data.get("head_stride", 0)))
+                   head_stride=int(data.get("head_stride", 0)),
+                   in_channels=int(data.get("in_channels", 1)))
 
 
 class NoduleClassifier(torch.nn.Module):
@@ -73,7 +76,7 @@ class NoduleClassifier(torch.nn.Module):
         layers = (list(spec.layers) + [1] * 4)[:4]
         net = MonaiResNet(
             block="basic", layers=layers, block_inplanes=widths, spatial_dims=2,
-            n_input_channels=1, conv1_t_size=3, conv1_t_stride=spec.stem_stride,
+            n_input_channels=spec.in_channels, conv1_t_size=3, conv1_t_stride=spec.stem_stride,
             no_max_pool=not spec.stem_pool, num_classes=2)
         stages = [net.layer1, net.layer2, net.layer3, net.layer4][:n]
         self.stem = torch.nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
@@ -134,7 +137,7 @@ def build_classifier(spec: ModelSpec) -> torch.nn.Module:
 
 def build_segmenter(spec: ModelSpec) -> torch.nn.Module:
     """A residual 2D U-Net (MONAI ``UNet``), batch norm, one input channel."""
-    return UNet(spatial_dims=2, in_channels=1, out_channels=spec.num_classes,
+    return UNet(spatial_dims=2, in_channels=spec.in_channels, out_channels=spec.num_classes,
                 channels=tuple(spec.widths), strides=(2,) * (len(spec.widths) - 1),
                 num_res_units=1, norm="batch")
 

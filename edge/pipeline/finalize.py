@@ -16,14 +16,14 @@ else from the spool and the :class:`~edge.pipeline.slices.SliceStore`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from edge.core.config import Settings
-from edge.core.errors import ModelNotFoundError, ModelNotReadyError
+from edge.core.errors import MededgeError, ModelNotFoundError, ModelNotReadyError
 from edge.core.types import Task
 from edge.dispatch.destination import Destination
 from edge.dispatch.worker import DeliveryWorker
@@ -42,13 +42,19 @@ from edge.pipeline.series_results import (
     iter_pipeline_results,
 )
 from edge.pipeline.slices import SliceStore
-from edge.preprocess.volume import frame_geometries
+from edge.preprocess.volume import FrameGeometry, frame_geometries
 from edge.routing.rules import Pipeline, Routing
 from edge.routing.series import SeriesInfo
 from edge.scheduler.manager import ModelManager
+from edge.scheduler.model import ServedModel
 from edge.writers.cam import CamOutput
 
 LOG = logging.getLogger(__name__)
+#: Runs a 2.5D model's outstanding slices at completion (series, model, every frame of the
+#: series, (rows, columns) per instance) -> slices run:
+#: :meth:`edge.pipeline.streaming.InstanceProcessor.complete_context`.
+CompleteContext = Callable[[str, ServedModel, Sequence[FrameGeometry],
+                            Mapping[str, tuple[int, int]]], int]
 
 
 class SeriesFinalizer:
@@ -57,8 +63,10 @@ class SeriesFinalizer:
     def __init__(self, settings: Settings, ledger: Ledger, manager: ModelManager,
                  store: SliceStore, accumulator: SeriesAccumulator, results_dir: Path,
                  delivery: DeliveryWorker | None, metrics: PipelineMetrics, feed: ResultFeed,
-                 book: DeliveryBook, route_series: Callable[[SeriesInfo], Routing]) -> None:
+                 book: DeliveryBook, route_series: Callable[[SeriesInfo], Routing],
+                 complete_context: CompleteContext | None = None) -> None:
         self._settings = settings
+        self._complete_context = complete_context
         self._ledger = ledger
         self._manager = manager
         self._store = store
@@ -81,6 +89,14 @@ class SeriesFinalizer:
             routing = self._route_series(SeriesInfo.from_header(sources[0].header))
         self._ledger.set_series_state(uid, SeriesState.PROCESSING)
         failed = False
+
+        def context_failed(pipeline: str, model: str, exc: Exception) -> None:
+            nonlocal failed
+            failed = True
+            LOG.error("series %s, %s: %s: %s", uid, model, type(exc).__name__, exc)
+            self._ledger.set_run_state(self._ledger.create_run(uid, pipeline, model),
+                                       RunState.FAILED, f"{type(exc).__name__}: {exc}")
+
         for pipeline in routing.pipelines if routing is not None else ():
             runs = []
             for name in pipeline.models:
@@ -90,6 +106,7 @@ class SeriesFinalizer:
                     continue  # recorded per instance
                 if served.sidecar is not None:
                     runs.append(ModelRun(served.id, served.sidecar))
+                    self._run_context(uid, served, sources, pipeline.name, context_failed)
             covered = [s for s in sources if any(
                 self._store.has(uid, r.model, s.sop_instance_uid, len(s.frames)) for r in runs)]
             fp = fingerprint(runs, [s.sop_instance_uid for s in covered])
@@ -138,6 +155,29 @@ class SeriesFinalizer:
                 self._ledger.set_instance_state(record.identity.sop_instance_uid,
                                                 InstanceState.DONE)
         self._ledger.set_series_state(uid, SeriesState.FAILED if failed else SeriesState.DONE)
+
+    def _run_context(self, uid: str, served: ServedModel, sources: list[SourceInstance],
+                     pipeline: str, on_error: Callable[[str, str, Exception], None]) -> None:
+        """A 2.5D model (``context_slices`` > 0): run the slices that could not run while
+        the series streamed (the ends of the stack, slices whose neighbours were unproven) or
+        whose neighbours changed, now that the volume order is final. A failure leaves those
+        slices without output (the model then covers fewer instances) and fails the series."""
+        sidecar = served.sidecar
+        if self._complete_context is None or sidecar is None \
+                or not sidecar.preprocess.context_slices \
+                or int(sidecar.postprocess.get("dims", 2)) == 3:
+            return
+        frames = [f for s in sources for f in s.frames]
+        shapes = {s.sop_instance_uid: (int(getattr(s.header, "Rows", 0) or 0),
+                                       int(getattr(s.header, "Columns", 0) or 0))
+                  for s in sources}
+        try:
+            ran = self._complete_context(uid, served, frames, shapes)
+        except (MededgeError, ValueError, OSError) as exc:
+            on_error(pipeline, str(served.id), exc)
+            return
+        if ran:
+            LOG.info("series %s, %s: %d slice(s) run at completion (2.5D)", uid, served.id, ran)
 
     def _sources(self, uid: str, records: list[InstanceRecord]) -> list[SourceInstance]:
         """Each instance's header: kept by the workers, else read from the spool (headers

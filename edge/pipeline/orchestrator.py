@@ -115,7 +115,8 @@ class Orchestrator:
                                             lambda: self._stopping)
         self._finish = SeriesFinalizer(settings, ledger, manager, self.store, self._accumulator,
                                        self.results_dir, delivery, self.metrics, self.feed,
-                                       self._book, self._route)
+                                       self._book, self._route,
+                                       self._processor.complete_context)
 
     @property
     def recorder(self) -> PipelineRecorder:
@@ -398,6 +399,7 @@ class Orchestrator:
                 and not self._tracker.is_open(uid):
             del self._series[uid]
             self._accumulator.drop(uid)
+            self._processor.forget_series(uid)
 
     def _finalize(self, completion: Completion) -> None:
         uid = completion.series_instance_uid

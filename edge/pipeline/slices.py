@@ -49,15 +49,27 @@ class SliceStore:
         return (self.root / series_instance_uid / "slices" / f"{model.name}-v{model.version}"
                 / f"{sop_instance_uid}-{frame}.npy")
 
+    def input_path(self, series_instance_uid: str, model: ModelId, sop_instance_uid: str,
+                   frame: int = 1) -> Path:
+        """Where a 2.5D model's preprocessed slice (H, W) float32 is kept (its neighbours'
+        inputs are stacked from these; see :mod:`edge.pipeline.context`)."""
+        return (self.root / series_instance_uid / "slices"
+                / f"{model.name}-v{model.version}-inputs" / f"{sop_instance_uid}-{frame}.npy")
+
     def has(self, series_instance_uid: str, model: ModelId, sop_instance_uid: str,
             frames: int = 1) -> bool:
         return all(self.path(series_instance_uid, model, sop_instance_uid, f).is_file()
                    for f in range(1, frames + 1))
 
     def save(self, series_instance_uid: str, model: ModelId, sop_instance_uid: str,
-             frame: int, value: np.ndarray) -> None:
-        """Raises: OSError (disk full, permissions)."""
-        path = self.path(series_instance_uid, model, sop_instance_uid, frame)
+             frame: int, value: np.ndarray, *, kind: str = "output") -> None:
+        """Keep a frame's output (``kind`` "output") or a 2.5D model's preprocessed slice
+        ("input").
+
+        Raises: OSError (disk full, permissions).
+        """
+        path = (self.input_path if kind == "input" else self.path)(
+            series_instance_uid, model, sop_instance_uid, frame)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".npy")
         try:
@@ -69,9 +81,11 @@ class SliceStore:
             raise
 
     def load(self, series_instance_uid: str, model: ModelId, sop_instance_uid: str,
-             frame: int = 1) -> np.ndarray | None:
-        """The stored output, or None when missing or unreadable (then it is inferred again)."""
-        path = self.path(series_instance_uid, model, sop_instance_uid, frame)
+             frame: int = 1, *, kind: str = "output") -> np.ndarray | None:
+        """The stored output (or ``kind`` "input": preprocessed slice), or None when missing or
+        unreadable (then it is inferred again)."""
+        path = (self.input_path if kind == "input" else self.path)(
+            series_instance_uid, model, sop_instance_uid, frame)
         try:
             return np.load(path, allow_pickle=False)
         except FileNotFoundError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,13 +30,14 @@ from edge.core.errors import (
 from edge.core.types import InferenceRequest, InferenceResponse, Task
 from edge.jobs.ledger import InstanceState, Ledger, RunState
 from edge.pipeline.accumulator import SeriesAccumulator, SourceHeader, strip_pixels
+from edge.pipeline.context import ContextBuffer, ContextJob
 from edge.pipeline.intake import InstanceTask
 from edge.pipeline.slices import SliceStore, slice_output
 from edge.postprocess.aggregate import threshold_for
 from edge.postprocess.slice_boxes import decode_frame
 from edge.preprocess.dicom_pixels import decode
 from edge.preprocess.imaging import preprocess_image, restore_geometry
-from edge.preprocess.volume import frame_geometries
+from edge.preprocess.volume import FrameGeometry, frame_geometries
 from edge.routing.rules import Routing
 from edge.routing.series import DimsePriority, SeriesInfo
 from edge.scheduler.manager import ModelManager
@@ -75,8 +76,10 @@ class InstanceProcessor:
     def __init__(self, settings: Settings, ledger: Ledger, manager: ModelManager,
                  store: SliceStore, accumulator: SeriesAccumulator,
                  routing_for: Callable[[SeriesInfo], Routing],
-                 expect: Callable[[str, int], None], stopping: Callable[[], bool]) -> None:
+                 expect: Callable[[str, int], None], stopping: Callable[[], bool],
+                 context: ContextBuffer | None = None) -> None:
         self._settings = settings
+        self._context = context if context is not None else ContextBuffer()
         self._ledger = ledger
         self._manager = manager
         self._store = store
@@ -129,7 +132,7 @@ class InstanceProcessor:
                         return "failed"
                 try:
                     self._infer(task, served, decoded.frames, decoded.meta, pipeline.priority,
-                                info.priority)
+                                info.priority, frames)
                     done += 1
                 except (MededgeError, ValueError) as exc:
                     problems.append(f"{name}: {type(exc).__name__}: {exc}")
@@ -143,8 +146,42 @@ class InstanceProcessor:
         return "inferred"
 
     def _infer(self, task: InstanceTask, served: ServedModel, frames: np.ndarray,
-               meta: Any, rule_priority: int, dimse: int) -> None:
-        """Infer every frame of one instance with one model; keep the outputs.
+               meta: Any, rule_priority: int, dimse: int,
+               geometry: Sequence[FrameGeometry] = ()) -> None:
+        """Infer every frame of one instance with one model; keep the outputs. A 2.5D model
+        (``context_slices`` > 0) keeps each preprocessed slice and runs the slices whose
+        neighbours are all known (:class:`~edge.pipeline.context.ContextBuffer`).
+
+        Raises: MededgeError (scheduler, backend, deadline), ValueError (shapes), OSError.
+        """
+        sidecar = served.sidecar
+        assert sidecar is not None
+        spec = sidecar.preprocess
+        levels = int(served.config.dynamic_batching.priority_levels)
+        priority = scheduler_priority(dimse, rule_priority, levels)
+        series, uid = task.series_instance_uid, task.sop_instance_uid
+        volumetric = int(sidecar.postprocess.get("dims", 2)) == 3
+        for index, frame in enumerate(frames):
+            x = preprocess_image(frame, meta, spec)[np.newaxis]
+            shape = (int(frame.shape[0]), int(frame.shape[1]))
+            if volumetric:  # a 3D model: keep the preprocessed slice for finalize's window
+                value = x[0, 0].astype(np.float16)
+                self._store.save(series, served.id, uid, index + 1, value)
+                self._accumulator.add_output(series, served.id, uid, index + 1, value)
+                continue
+            if spec.context_slices:  # 2.5D: runs once its neighbours are known
+                where = geometry[index] if index < len(geometry) else FrameGeometry(uid, index + 1)
+                self._store.save(series, served.id, uid, index + 1, x[0, 0], kind="input")
+                jobs = self._context.add(series, served.id, spec.context_slices, where, x[0, 0],
+                                         shape)
+                self._run_context(series, served, jobs, priority)
+                continue
+            self._run_one(series, served, uid, index + 1, x, shape, priority)
+
+    def _run_one(self, series: str, served: ServedModel, uid: str, frame: int, x: np.ndarray,
+                 shape: tuple[int, int], priority: int) -> None:
+        """Infer one model input (1, C, H, W) and keep its output for frame ``frame`` of
+        ``uid`` (original size ``shape``).
 
         Raises: MededgeError (scheduler, backend, deadline), ValueError (shapes), OSError.
         """
@@ -153,31 +190,58 @@ class InstanceProcessor:
         spec = sidecar.preprocess
         input_spec = served.inputs[0]
         output = str(sidecar.postprocess.get("output") or served.outputs[0].name)
-        levels = int(served.config.dynamic_batching.priority_levels)
-        priority = scheduler_priority(dimse, rule_priority, levels)
         threshold = threshold_for(sidecar.thresholds, sidecar.labels[-1])
-        series, uid = task.series_instance_uid, task.sop_instance_uid
-        volumetric = int(sidecar.postprocess.get("dims", 2)) == 3
-        for index, frame in enumerate(frames):
-            x = preprocess_image(frame, meta, spec)[np.newaxis]
-            if volumetric:  # a 3D model: keep the preprocessed slice for finalize's window
-                value = x[0, 0].astype(np.float16)
-                self._store.save(series, served.id, uid, index + 1, value)
-                self._accumulator.add_output(series, served.id, uid, index + 1, value)
-                continue
-            response = self._submit(served, {input_spec.name: x.astype(input_spec.dtype)},
-                                    priority, uid)
-            if sidecar.task is Task.DETECT:  # decoded now: boxes in the frame's geometry
-                value = decode_frame(response.outputs, sidecar.labels,
-                                     (int(frame.shape[0]), int(frame.shape[1])), spec,
-                                     sidecar.thresholds, sidecar.postprocess)
-            else:
-                value = slice_output(sidecar.task, response.outputs[output][0], threshold)
-            self._store.save(series, served.id, uid, index + 1, value)
-            if sidecar.task is Task.SEGMENT:  # restored now, while the series streams
-                value = restore_geometry(value, (int(frame.shape[0]), int(frame.shape[1])),
-                                         spec)
-            self._accumulator.add_output(series, served.id, uid, index + 1, value)
+        response = self._submit(served, {input_spec.name: x.astype(input_spec.dtype)},
+                                priority, uid)
+        if sidecar.task is Task.DETECT:  # decoded now: boxes in the frame's geometry
+            value = decode_frame(response.outputs, sidecar.labels, shape, spec,
+                                 sidecar.thresholds, sidecar.postprocess)
+        else:
+            value = slice_output(sidecar.task, response.outputs[output][0], threshold)
+        self._store.save(series, served.id, uid, frame, value)
+        if sidecar.task is Task.SEGMENT:  # restored now, while the series streams
+            value = restore_geometry(value, shape, spec)
+        self._accumulator.add_output(series, served.id, uid, frame, value)
+
+    def _run_context(self, series: str, served: ServedModel, jobs: Sequence[ContextJob],
+                     priority: int) -> None:
+        """Run claimed 2.5D slices; a failed one is released for completion to retry.
+
+        Raises: MededgeError, ValueError, OSError (the first failure, after releasing it and
+        the rest).
+        """
+        for n, job in enumerate(jobs):
+            try:
+                self._run_one(series, served, job.key[0], job.key[1], job.inputs,
+                              job.source_shape, priority)
+            except BaseException:
+                for left in jobs[n:]:
+                    self._context.forget(series, served.id, left.key)
+                raise
+
+    def complete_context(self, series: str, served: ServedModel,
+                         frames: Sequence[FrameGeometry],
+                         shapes: Mapping[str, tuple[int, int]]) -> int:
+        """At series completion, run a 2.5D model on every slice still without an output or
+        whose early neighbours differ from the final volume order; returns how many ran.
+        ``frames``: every frame of the series, ``shapes``: (rows, columns) per instance.
+
+        Raises: MededgeError (scheduler, backend, deadline), ValueError, OSError.
+        """
+        sidecar = served.sidecar
+        assert sidecar is not None
+        k = sidecar.preprocess.context_slices
+        model = served.id
+        jobs = self._context.at_completion(
+            series, model, k, frames, shapes,
+            lambda key: self._store.load(series, model, key[0], key[1], kind="input"),
+            lambda key: self._store.path(series, model, key[0], key[1]).is_file())
+        self._run_context(series, served, jobs, 0)
+        return len(jobs)
+
+    def forget_series(self, series: str) -> None:
+        """Drop what the 2.5D buffer keeps of a finished series."""
+        self._context.drop(series)
 
     def _submit(self, served: ServedModel, inputs: Mapping[str, np.ndarray], priority: int,
                 request_id: str) -> InferenceResponse:

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from edge.core.errors import ConfigError
+from edge.preprocess.context import MAX_CONTEXT_SLICES
 
 
 class ResizeMode(str, enum.Enum):
@@ -41,6 +42,10 @@ class PreprocessSpec:
     ``window_center``/``window_width`` in output units of the modality LUT (HU for CT); both None
     means min-max scaling per image (radiographs). After windowing values lie in [0, 1]; then
     ``(x - mean) / std``.
+
+    ``context_slices`` (k) > 0 makes a 2.5D input: each slice is stacked with its k neighbours
+    on each side along the slice normal, 2k + 1 channels, the slice itself in the middle and
+    the outermost slice repeated at the ends (:mod:`edge.preprocess.context`). 0: one channel.
     """
 
     height: int
@@ -50,6 +55,12 @@ class PreprocessSpec:
     resize: ResizeMode = ResizeMode.RESIZE
     mean: float = 0.0
     std: float = 1.0
+    context_slices: int = 0
+
+    @property
+    def channels(self) -> int:
+        """Input channels of the model: ``2 * context_slices + 1``."""
+        return 2 * self.context_slices + 1
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0:
@@ -61,6 +72,10 @@ class PreprocessSpec:
             raise ConfigError(f"preprocess: window_width must be > 0, got {self.window_width}")
         if self.std <= 0:
             raise ConfigError(f"preprocess: std must be > 0, got {self.std}")
+        if isinstance(self.context_slices, bool) or not isinstance(self.context_slices, int) \
+                or not 0 <= self.context_slices <= MAX_CONTEXT_SLICES:
+            raise ConfigError(f"preprocess.context_slices: an integer from 0 to "
+                              f"{MAX_CONTEXT_SLICES}, got {self.context_slices!r}")
         object.__setattr__(self, "resize", ResizeMode(self.resize))
 
     def to_dict(self) -> dict[str, Any]:

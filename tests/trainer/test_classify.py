@@ -69,6 +69,32 @@ def test_crops_stay_inside_and_positive_crops_hold_the_nodule() -> None:
     assert (masks[0, y:y + 32, x:x + 32] == 2).any()
 
 
+def test_border_negatives_are_drawn_just_outside_the_lung() -> None:
+    rng = np.random.default_rng(0)
+    masks = np.zeros((300, 64, 64), np.uint8)
+    masks[:, 16:48, 16:48] = 1  # lung; background everywhere else
+    corners = crop_origins(masks, np.zeros(300, np.int64), 16, rng, negatives="lung-border")
+    centres = corners + 8
+    inside = (centres >= 16) & (centres < 48)
+    ring = ((centres >= 16 - 8) & (centres < 48 + 8)).all(axis=1) & ~inside.all(axis=1)
+    assert 0.2 < ring.mean() < 0.6  # about a third in the band, plus chance from "anywhere"
+    with pytest.raises(ValueError, match="negatives"):
+        crop_origins(masks, np.zeros(300, np.int64), 16, rng, negatives="mediastinum")
+
+
+def test_context_model_takes_2k_plus_1_channels(tmp_path: Path) -> None:
+    model = build_model(ModelSpec("classify", 2, widths=(8, 16, 32), head_stride=4,
+                                  in_channels=5)).eval()
+    x = torch.randn(2, 5, 64, 64)
+    files = export_onnx(model, x.numpy(), tmp_path)
+    sess = ort.InferenceSession(str(files["model.onnx"]), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1] == 5
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(["logits"], {"image": x.numpy()})[0],
+                                   model(x).numpy(), atol=1e-4)
+    assert ModelSpec.from_dict(ModelSpec("classify", 2, in_channels=5).to_dict()).in_channels == 5
+
+
 def test_hooks_never_sample_ignored_slices_and_crop_batches(synth: Path) -> None:
     spec = PreprocessSpec(height=64, width=64, window_center=-600, window_width=1500)
     data = load_synthetic(synth, spec, progress=False)

@@ -15,7 +15,10 @@ import pytest
 
 from edge.cli import main as cli
 from edge.core.errors import DataError
-from edge.preprocess.imaging import PreprocessSpec
+from edge.preprocess.context import stack_context
+from edge.preprocess.dicom_pixels import decode
+from edge.preprocess.imaging import PreprocessSpec, preprocess_image
+from edge.preprocess.volume import frame_geometries, slice_order
 from trainer.datasets import SEGMENT_LABELS, load_coco, load_dicom_folder, load_synthetic
 from trainer.datasets.masks import combine_lung_nodule, fit_mask, read_nifti_slices
 
@@ -175,3 +178,27 @@ def test_coco_boxes_validate(synth: Path, tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(DataError, match="broken.json"):
         load_coco(tmp_path / "broken.json")
+
+
+def test_context_stacks_neighbours_in_volume_order_like_serving(synth: Path) -> None:
+    data = load_synthetic(synth, SPEC, progress=False)
+    assert data.geometry is not None and np.isfinite(data.geometry).all()
+    # shuffle the loaded order: the stacking must follow positions, not file order
+    perm = np.random.default_rng(0).permutation(len(data))
+    shuffled = data.select(perm)
+    stacked = shuffled.with_context(1)
+    assert stacked.images.shape == (len(data), 3, 32, 32) and stacked.context_slices == 1
+    study = _manifest(synth)["studies"][0]
+    paths = [synth / study["ct"]["dir"] / f for f in study["ct"]["files"]]
+    datasets = [pydicom.dcmread(p) for p in paths]
+    frames = [frame_geometries(ds)[0] for ds in datasets]
+    order, _, _ = slice_order(frames)
+    offline = stack_context([preprocess_image(decode(datasets[i]).frames[0],
+                                              decode(datasets[i]).meta, SPEC) for i in order], 1)
+    for row, i in enumerate(order):
+        rel = f"{study['ct']['dir']}/{study['ct']['files'][i]}"
+        at = int(np.flatnonzero(stacked.sources == rel)[0])
+        np.testing.assert_array_equal(stacked.images[at], offline[row], err_msg=rel)
+        np.testing.assert_array_equal(stacked.images[at, 1], shuffled.images[at, 0])
+    with pytest.raises(ValueError):
+        stacked.with_context(1)

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from edge.preprocess.context import stack_context
+from edge.preprocess.volume import FrameGeometry, slice_order
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -52,6 +55,11 @@ class SliceSet:
     the data has nodule masks: the equivalent-circle diameter in mm of the largest nodule
     cross-section on the slice, measured on the stored (unresized) mask with the pixel spacing
     (0 where no nodule touches the slice, NaN where unknown); None when no masks at all.
+    ``geometry`` (N, 9) float64: ImagePositionPatient (3) and ImageOrientationPatient (6) of
+    each slice's frame, NaN where the header has none; None when not recorded. It puts a
+    group's slices in volume order for 2.5D inputs (:meth:`with_context`).
+    ``context_slices``: 0 for single-slice ``images``; k when :meth:`with_context` stacked
+    each slice with k neighbours on each side (``images`` then has 2k + 1 channels).
     """
 
     images: np.ndarray
@@ -63,6 +71,8 @@ class SliceSet:
     fingerprint: str
     summary: LoadSummary = field(default_factory=lambda: LoadSummary(0))
     nodule_mm: np.ndarray | None = None
+    geometry: np.ndarray | None = None
+    context_slices: int = 0
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -77,8 +87,59 @@ class SliceSet:
             self, images=self.images[keep], labels=self.labels[keep],
             masks=None if self.masks is None else self.masks[keep], groups=self.groups[keep],
             splits=self.splits[keep], sources=self.sources[keep],
-            nodule_mm=None if self.nodule_mm is None else self.nodule_mm[keep])
+            nodule_mm=None if self.nodule_mm is None else self.nodule_mm[keep],
+            geometry=None if self.geometry is None else self.geometry[keep])
 
+    def volume_order(self) -> np.ndarray:
+        """Indices of every slice, grouped by ``groups`` (first appearance), each group in
+        volume order: :func:`edge.preprocess.volume.slice_order` on the recorded geometry
+        (the runtime's order), or the loaded order where a group lacks positions."""
+        out: list[int] = []
+        seen: dict[object, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            seen.setdefault(g, []).append(i)
+        for rows in seen.values():
+            out.extend(rows[j] for j in self._group_order(rows))
+        return np.asarray(out, np.int64)
+
+    def _group_order(self, rows: list[int]) -> list[int]:
+        if self.geometry is None or not np.isfinite(self.geometry[rows]).all():
+            return list(range(len(rows)))
+        frames = []
+        for n, i in enumerate(rows):
+            x, y, z = (float(v) for v in self.geometry[i, :3])
+            frames.append(FrameGeometry(
+                sop_instance_uid=str(self.sources[i]), instance_number=n, position=(x, y, z),
+                orientation=tuple(float(v) for v in self.geometry[i, 3:])))
+        order, _, _ = slice_order(frames)
+        return order
+
+    def with_context(self, k: int) -> SliceSet:
+        """The same slices as 2.5D inputs: each slice's image stacked with its ``k`` neighbours
+        on each side within its group, in volume order, edge slices replicated
+        (:func:`edge.preprocess.context.stack_context`, as serving stacks them). ``images``
+        becomes (N, 2k + 1, H, W); labels and masks stay those of the centre slice. Call it on
+        the whole loaded set, before slices are dropped, so neighbours are the real ones.
+
+        Raises:
+            ValueError: ``k`` < 0, or the set is already stacked.
+        """
+        if k < 0 or self.context_slices:
+            raise ValueError(f"with_context({k}) on a set with context {self.context_slices}")
+        if k == 0 or len(self) == 0:
+            return self
+        order = self.volume_order()
+        images = np.empty((len(self), 2 * k + 1, *self.images.shape[2:]), np.float32)
+        groups = self.groups[order]
+        start = 0
+        while start < len(order):
+            end = start
+            while end < len(order) and groups[end] == groups[start]:
+                end += 1
+            rows = order[start:end]
+            images[rows] = stack_context(self.images[rows], k)
+            start = end
+        return replace(self, images=images, context_slices=k)
     def has_masks(self) -> bool:
         return self.masks is not None
 

@@ -23,7 +23,7 @@ from trainer.datasets.base import LoadSummary, SkippedFile, SliceSet
 log = logging.getLogger(__name__)
 
 CACHE_DIR = ".mededge-cache"
-LOADER_VERSION = 2  # 2: nodule_mm (largest nodule cross-section per slice)
+LOADER_VERSION = 3  # 2: nodule_mm (largest nodule cross-section); 3: geometry
 
 
 def cache_key(kind: str, fingerprint: str, files: Iterable[Path], spec: PreprocessSpec) -> str:
@@ -51,13 +51,15 @@ def load_cached(path: Path) -> SliceSet | None:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             nodule_mm = z["nodule_mm"] if meta.get("has_nodule_mm") else None
+            geometry = z["geometry"] if meta.get("has_geometry") else None
             skipped = tuple(SkippedFile(s["path"], s["reason"]) for s in meta["skipped"])
             return SliceSet(
                 images=z["images"], labels=z["labels"],
                 masks=z["masks"] if meta["has_masks"] else None,
                 groups=z["groups"].astype(object), splits=z["splits"].astype(object),
                 sources=z["sources"].astype(object), fingerprint=meta["fingerprint"],
-                summary=LoadSummary(int(z["images"].shape[0]), skipped), nodule_mm=nodule_mm)
+                summary=LoadSummary(int(z["images"].shape[0]), skipped), nodule_mm=nodule_mm,
+                geometry=geometry)
     except Exception as exc:  # a truncated or foreign file: rebuild
         log.warning("ignoring unreadable cache %s: %s", path, exc)
         return None
@@ -67,6 +69,7 @@ def save_cached(path: Path, data: SliceSet) -> None:
     """Write the cache atomically; an OSError is logged, not raised."""
     meta = {"fingerprint": data.fingerprint, "has_masks": data.masks is not None,
             "has_nodule_mm": data.nodule_mm is not None,
+            "has_geometry": data.geometry is not None,
             "skipped": [{"path": s.path, "reason": s.reason} for s in data.summary.skipped]}
     arrays: dict[str, np.ndarray] = {
         "images": data.images, "labels": data.labels,
@@ -74,6 +77,7 @@ def save_cached(path: Path, data: SliceSet) -> None:
         "groups": data.groups.astype(str), "splits": data.splits.astype(str),
         "sources": data.sources.astype(str), "meta": np.asarray(json.dumps(meta)),
         "nodule_mm": data.nodule_mm if data.nodule_mm is not None else np.zeros(0, np.float32),
+        "geometry": data.geometry if data.geometry is not None else np.zeros(0, np.float64),
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

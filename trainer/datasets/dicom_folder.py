@@ -123,6 +123,7 @@ def load_dicom_folder(data_dir: Path, csv_path: Path, spec: PreprocessSpec, *,
     group_col = next((c for c in GROUP_COLUMNS if c in columns), None)
     digest = hashlib.sha256(text.encode())
     images, ys, masks, groups, splits, sources = [], [], [], [], [], []
+    geometries: list[np.ndarray] = []
     for n, row in enumerate(tqdm(rows, desc="decode slices", unit="img", disable=not progress)):
         rel = (row.get("file") or "").strip()
         where = f"{csv_path.name} row {n + 2}"
@@ -136,7 +137,7 @@ def load_dicom_folder(data_dir: Path, csv_path: Path, spec: PreprocessSpec, *,
                 path = by_uid[uid]
                 rel = str(path.relative_to(data_dir))
             y = _label(row[label_column], labels)
-            image, sop_uid, _ = load_slice(path, spec)
+            image, sop_uid, _, geometry = load_slice(path, spec)
             mask = None
             if masks_reader is not None and (row.get("mask") or "").strip():
                 raw = masks_reader.mask(row["mask"].strip(), row.get("slice_index"), sop_uid)
@@ -153,6 +154,7 @@ def load_dicom_folder(data_dir: Path, csv_path: Path, spec: PreprocessSpec, *,
         groups.append(group or rel)
         splits.append(split if split in SPLITS else split_for(group or rel))
         sources.append(rel)
+        geometries.append(geometry)
         digest.update(f"{rel}:{path.stat().st_size}".encode())
     fingerprint = "sha256:" + digest.hexdigest()
     summary = LoadSummary(len(images), tuple(skipped))
@@ -161,4 +163,5 @@ def load_dicom_folder(data_dir: Path, csv_path: Path, spec: PreprocessSpec, *,
     return SliceSet(
         images=np.stack(images), labels=np.asarray(ys, np.int64), masks=np.stack(masks),
         groups=np.asarray(groups, dtype=object), splits=np.asarray(splits, dtype=object),
-        sources=np.asarray(sources, dtype=object), fingerprint=fingerprint, summary=summary)
+        sources=np.asarray(sources, dtype=object), fingerprint=fingerprint, summary=summary,
+        geometry=np.stack(geometries))

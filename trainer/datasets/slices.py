@@ -11,8 +11,21 @@ from edge.preprocess.dicom_pixels import read_image
 from edge.preprocess.imaging import PreprocessSpec, preprocess_image
 
 
-def load_slice(path: Path, spec: PreprocessSpec) -> tuple[np.ndarray, str, tuple[int, int]]:
-    """The preprocessed (1, H, W) float32 image, its SOP Instance UID and its stored size.
+def frame_geometry_row(position: tuple[float, ...] | None,
+                       orientation: tuple[float, ...] | None) -> np.ndarray:
+    """(9,) float64: ImagePositionPatient then ImageOrientationPatient, NaN where missing."""
+    row = np.full(9, np.nan)
+    if position is not None and len(position) == 3:
+        row[:3] = position
+    if orientation is not None and len(orientation) == 6:
+        row[3:] = orientation
+    return row
+
+
+def load_slice(path: Path, spec: PreprocessSpec
+               ) -> tuple[np.ndarray, str, tuple[int, int], np.ndarray]:
+    """The preprocessed (1, H, W) float32 image, its SOP Instance UID, its stored size and its
+    geometry row (:func:`frame_geometry_row`).
 
     Uses :func:`edge.preprocess.dicom_pixels.read_image` and
     :func:`edge.preprocess.imaging.preprocess_image`, exactly as serving does.
@@ -30,4 +43,5 @@ def load_slice(path: Path, spec: PreprocessSpec) -> tuple[np.ndarray, str, tuple
         raise DataError(f"{path}: {exc}") from exc
     if not np.all(np.isfinite(image)):
         raise DataError(f"{path}: non-finite pixel values after preprocessing")
-    return image, decoded.sop_instance_uid, (int(frame.shape[0]), int(frame.shape[1]))
+    return (image, decoded.sop_instance_uid, (int(frame.shape[0]), int(frame.shape[1])),
+            frame_geometry_row(decoded.position, decoded.orientation))

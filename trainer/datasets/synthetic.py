@@ -93,6 +93,7 @@ def load_synthetic(data_dir: Path, spec: PreprocessSpec, *, use_cache: bool = Tr
 
     images, labels, masks, groups, splits, sources = [], [], [], [], [], []
     nodule_mm: list[float] = []
+    geometries: list[np.ndarray] = []
     skipped: list[SkippedFile] = []
     for study in tqdm(studies, desc="decode studies", unit="study", disable=not progress):
         sid = str(study.get("study_id", "?"))
@@ -109,7 +110,7 @@ def load_synthetic(data_dir: Path, spec: PreprocessSpec, *, use_cache: bool = Tr
         for i, name in enumerate(names):
             rel = f"{ct.get('dir', sid)}/{name}"
             try:
-                image, _, _ = load_slice(data_dir / rel, spec)
+                image, _, _, geometry = load_slice(data_dir / rel, spec)
             except DataError as exc:
                 skipped.append(SkippedFile(rel, str(exc)))
                 continue
@@ -130,6 +131,7 @@ def load_synthetic(data_dir: Path, spec: PreprocessSpec, *, use_cache: bool = Tr
             splits.append(split)
             sources.append(rel)
             nodule_mm.append(diameter)
+            geometries.append(geometry)
     summary = LoadSummary(len(images), tuple(skipped))
     if not images:
         return empty_set(spec.height, spec.width, fingerprint, summary, with_masks=True)
@@ -137,7 +139,7 @@ def load_synthetic(data_dir: Path, spec: PreprocessSpec, *, use_cache: bool = Tr
         images=np.stack(images), labels=np.asarray(labels, np.int64), masks=np.stack(masks),
         groups=np.asarray(groups, dtype=object), splits=np.asarray(splits, dtype=object),
         sources=np.asarray(sources, dtype=object), fingerprint=fingerprint, summary=summary,
-        nodule_mm=np.asarray(nodule_mm, np.float32))
+        nodule_mm=np.asarray(nodule_mm, np.float32), geometry=np.stack(geometries))
     if use_cache:
         save_cached(cache_file(data_dir, key), data)
     return data
