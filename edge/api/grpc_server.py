@@ -8,8 +8,10 @@ and a future wait (measured against grpc.aio, the sync server was not slower her
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -18,15 +20,44 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edge.api.auth import AuthInterceptor, TokenStore
 from edge.api.errors import ErrorInterceptor
+from edge.api.infer_wire import parse_infer_request, serialize_infer_response
 from edge.api.inference_service import InferenceServicer
 from edge.api.jobs_service import SERVICE_NAME as JOBS_SERVICE_NAME
 from edge.api.jobs_service import JobsServicer, add_to_server
 from edge.core.config import GrpcSettings
 from edge.core.errors import ConfigError
 from edge.core.tls import grpc_server_credentials
-from edge.protos import POOL, inference_pb2, inference_pb2_grpc
+from edge.protos import POOL, inference_pb2
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                  (False, True): grpc.unary_stream_rpc_method_handler,
+                  (True, False): grpc.stream_unary_rpc_method_handler,
+                  (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def inference_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The KServe v2 methods, each with protobuf (de)serializers from its descriptor, except
+    that ModelInfer and ModelStreamInfer read requests with :func:`parse_infer_request` and
+    ModelInfer writes its answer with :func:`serialize_infer_response` (no tensor copies)."""
+    service = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request_type = getattr(inference_pb2, method.input_type.name)
+        response_type = getattr(inference_pb2, method.output_type.name)
+        deserialize: Callable[[bytes], Any] = request_type.FromString
+        serialize: Callable[[Any], bytes] = response_type.SerializeToString
+        if method.name in ("ModelInfer", "ModelStreamInfer"):
+            deserialize = parse_infer_request
+        if method.name == "ModelInfer":
+            serialize = serialize_infer_response
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=deserialize,
+                                     response_serializer=serialize)
+    return handlers
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -79,7 +110,10 @@ class GrpcServer:
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        handlers = inference_handlers(servicer)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
         self._services: tuple[str, ...] = (SERVICE_NAME,)
         if jobs is not None:
             add_to_server(jobs, self._server)

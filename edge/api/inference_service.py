@@ -2,7 +2,10 @@
 
 Handlers raise :mod:`edge.core.errors` types and leave the status codes to
 :class:`edge.api.errors.ErrorInterceptor`. The hot path (:meth:`ModelInfer`) is: resolve the
-model, decode raw inputs zero-copy, submit, wait, encode raw outputs.
+model, decode raw inputs zero-copy, submit, wait, encode raw outputs. ModelInfer and
+ModelStreamInfer take :class:`~edge.api.infer_wire.WireInferRequest` (raw inputs left in the
+received bytes) and ModelInfer answers a :class:`~edge.api.infer_wire.WireInferResponse`; the
+server registers the matching (de)serializers (:func:`edge.api.grpc_server.inference_handlers`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from google.protobuf import json_format, text_format
 
 import edge
 from edge.api.errors import status_for
+from edge.api.infer_wire import WireInferRequest, WireInferResponse
 from edge.api.metrics import RequestCounters
 from edge.api.statistics import model_statistics_proto, served_models
 from edge.api.tensor_codec import decode_inputs, encode_outputs
@@ -80,7 +84,7 @@ def _priority(request: inference_pb2.ModelInferRequest) -> int:
 class _Submitted:
     """A request handed to the scheduler, waiting for its result."""
 
-    request: inference_pb2.ModelInferRequest
+    request: WireInferRequest
     model: ServedModel
     future: Future[InferenceResponse]
     deadline: float | None
@@ -177,9 +181,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     # --- inference --------------------------------------------------------------------------
 
-    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ModelInfer(self, request: WireInferRequest, context: grpc.ServicerContext
+                   ) -> WireInferResponse:
         started = time.perf_counter_ns()
-        model = self._manager.get(request.model_name, parse_version(request.model_version))
+        message = request.message
+        model = self._manager.get(message.model_name, parse_version(message.model_version))
         try:
             submitted = self._submit(model, request, context, started)
             if not context.add_callback(submitted.future.cancel):
@@ -189,8 +195,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             self._counters.observe(model.id.name, str(model.id.version),
                                    time.perf_counter_ns() - started)
 
-    def ModelStreamInfer(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
-                         ) -> Iterator[Any]:
+    def ModelStreamInfer(self, request_iterator: Iterator[WireInferRequest],
+                         context: grpc.ServicerContext) -> Iterator[Any]:
         """Requests are submitted as they arrive; responses come back in request order."""
         pending: queue.SimpleQueue[_Submitted | Any | None] = queue.SimpleQueue()
 
@@ -211,28 +217,30 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 continue
             try:
                 response = inference_pb2.ModelStreamInferResponse(
-                    infer_response=self._finish(item))
+                    infer_response=self._finish(item).to_message())
             except Exception as exc:
-                response = _stream_error(item.request, exc)
+                response = _stream_error(item.request.message, exc)
             self._counters.observe(item.model.id.name, str(item.model.id.version),
                                    time.perf_counter_ns() - item.started_ns)
             yield response
 
-    def _stream_submit(self, request: Any, context: grpc.ServicerContext) -> _Submitted | Any:
+    def _stream_submit(self, request: WireInferRequest, context: grpc.ServicerContext
+                       ) -> _Submitted | Any:
         started = time.perf_counter_ns()
+        message = request.message
         try:
-            model = self._manager.get(request.model_name, parse_version(request.model_version))
+            model = self._manager.get(message.model_name, parse_version(message.model_version))
         except Exception as exc:
-            return _stream_error(request, exc)
+            return _stream_error(message, exc)
         try:
             return self._submit(model, request, context, started)
         except Exception as exc:
             self._counters.observe(model.id.name, str(model.id.version),
                                    time.perf_counter_ns() - started)
-            return _stream_error(request, exc)
+            return _stream_error(message, exc)
 
-    def _submit(self, model: ServedModel, request: Any, context: grpc.ServicerContext,
-                started: int) -> _Submitted:
+    def _submit(self, model: ServedModel, request: WireInferRequest,
+                context: grpc.ServicerContext, started: int) -> _Submitted:
         """Decode and submit.
 
         Raises:
@@ -240,18 +248,19 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 does not take (counted here as refused).
             QueueFullError: the model's queue is full (counted by the scheduler).
         """
-        requested = tuple(o.name for o in request.outputs)
+        message = request.message
+        requested = tuple(o.name for o in message.outputs)
         known = [spec.name for spec in model.outputs]
         try:
-            inputs = decode_inputs(request)
+            inputs = decode_inputs(message, request.raw)
             for name in requested:
                 if name not in known:
                     raise InvalidInputError(
                         f"model {model.id.name!r} has no output {name!r} (outputs: {known})")
-            deadline = _deadline(request, context)
+            deadline = _deadline(message, context)
             future = model.submit(InferenceRequest(
                 model=model.id.name, inputs=inputs, version=model.id.version,
-                request_id=request.id, priority=_priority(request), deadline=deadline,
+                request_id=message.id, priority=_priority(message), deadline=deadline,
                 outputs=requested))
         except InvalidInputError:
             # The scheduler counts rejections for a full queue, not for invalid input.
@@ -259,7 +268,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             raise
         return _Submitted(request, model, future, deadline, requested or tuple(known), started)
 
-    def _finish(self, submitted: _Submitted) -> Any:
+    def _finish(self, submitted: _Submitted) -> WireInferResponse:
         """Wait for the result and build the response.
 
         Raises:
@@ -275,11 +284,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             submitted.future.cancel()
             raise DeadlineExceededError(
                 f"model {submitted.model.id}: deadline passed before execution") from exc
-        request = submitted.request
         response = inference_pb2.ModelInferResponse(
-            model_name=result.model.name, model_version=str(result.model.version), id=request.id)
-        encode_outputs(response, result.outputs, submitted.outputs)
-        return response
+            model_name=result.model.name, model_version=str(result.model.version),
+            id=submitted.request.message.id)
+        return WireInferResponse(response, encode_outputs(response, result.outputs,
+                                                          submitted.outputs))
 
 
 def _state(entry: Any) -> str:
@@ -287,7 +296,7 @@ def _state(entry: Any) -> str:
     return str(getattr(state, "value", state))
 
 
-def _stream_error(request: Any | None, exc: BaseException) -> Any:
+def _stream_error(request: inference_pb2.ModelInferRequest | None, exc: BaseException) -> Any:
     response = inference_pb2.ModelStreamInferResponse(error_message=status_for(exc).message)
     if request is not None:
         response.infer_response.model_name = request.model_name

@@ -1,7 +1,8 @@
 """KServe v2 tensors <-> numpy: decoding requests, encoding responses.
 
-Raw contents are decoded zero-copy (``np.frombuffer`` over the request's bytes, read-only);
-typed contents are copied out of the repeated field. Every size check names the input.
+Raw contents are decoded zero-copy (``np.frombuffer`` over the received bytes, read-only: see
+:mod:`edge.api.infer_wire`); typed contents are copied out of the repeated field. Every size
+check names the input.
 """
 
 from __future__ import annotations
@@ -43,15 +44,16 @@ def _shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
-def decode_inputs(request: inference_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
-    """The request's inputs as numpy arrays, keyed by name.
+def decode_inputs(request: inference_pb2.ModelInferRequest,
+                  raw: Sequence[bytes | memoryview]) -> dict[str, np.ndarray]:
+    """The request's inputs as numpy arrays, keyed by name; ``raw`` holds its
+    ``raw_input_contents`` (kept outside the message, see :mod:`edge.api.infer_wire`).
 
     Raises:
         InvalidInputError: a datatype is unknown, a shape is negative, a byte or element count
             does not match shape x datatype, raw and typed contents are mixed, or the number of
             raw buffers differs from the number of inputs; the message names the input.
     """
-    raw = request.raw_input_contents
     inputs = request.inputs
     if raw and len(raw) != len(inputs):
         raise InvalidInputError(
@@ -96,12 +98,16 @@ def _typed(name: str, tensor: Any, dtype: np.dtype, shape: tuple[int, ...],
 
 
 def encode_outputs(response: inference_pb2.ModelInferResponse,
-                   outputs: Mapping[str, np.ndarray], names: Sequence[str]) -> None:
-    """Append ``outputs[name]`` for each of ``names`` to ``response`` as raw contents."""
+                   outputs: Mapping[str, np.ndarray], names: Sequence[str]
+                   ) -> tuple[np.ndarray, ...]:
+    """Describe ``outputs[name]`` for each of ``names`` in ``response.outputs``; the arrays
+    (C-contiguous) whose bytes are the raw contents, in the same order."""
+    arrays = []
     for name in names:
-        array = outputs[name]
+        array = np.ascontiguousarray(outputs[name])
         tensor = response.outputs.add()
         tensor.name = name
         tensor.datatype = NUMPY_TO_KSERVE[array.dtype]
         tensor.shape.extend(array.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        arrays.append(array)
+    return tuple(arrays)

@@ -41,7 +41,8 @@ class RecordingServicer(InferenceServicer):
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         with self._lock:
-            self.seen.append((request.id, {k: str(v) for k, v in request.parameters.items()}))
+            message = request.message
+            self.seen.append((message.id, {k: str(v) for k, v in message.parameters.items()}))
         return super().ModelInfer(request, context)
 
 
