@@ -7,11 +7,13 @@ Per model, in rounds whose order rotates (raw, mededge, Triton; mededge, Triton,
   ``session.run`` from one thread, at batch 1 (latency and throughput) and at the servers'
   ``max_batch_size`` (throughput: the most a dynamic batcher could gain by stacking);
 - ``mededge serve`` and Triton (pytriton's, from ``.venv-triton``, see ``bench_triton``), both
-  with ``max_batch_size`` 8 and a dynamic batcher without queue delay, driven by tritonclient
-  gRPC clients in separate *processes* (their GIL is not the server's): one client for batch-1
-  latency, ``clients`` clients for throughput.
+  with ``max_batch_size`` 8 and a dynamic batcher without queue delay, driven by gRPC clients
+  in separate *processes* (their GIL is not the server's) that send one encoded KServe v2
+  request back to back, as Triton's perf_analyzer does: one client for batch-1 latency,
+  ``clients`` clients for throughput.
 
-Both servers' answers are checked against raw ONNX Runtime's before any timing. Figures are
+Both servers' answers are checked against raw ONNX Runtime's (with tritonclient) before any
+timing. Figures are
 medians over the rounds; the load average of the machine is recorded with them.
 """
 
@@ -135,24 +137,46 @@ def bench_raw(sess: Any, spec: BenchModel, seconds: float, max_batch: int) -> Re
 
 # --- gRPC clients in processes --------------------------------------------------------------
 
+def encoded_request(spec: BenchModel, x: np.ndarray) -> bytes:
+    """A KServe v2 ModelInferRequest for ``x``, encoded once: what a load generator sends."""
+    from edge.protos import inference_pb2
+
+    request = inference_pb2.ModelInferRequest(model_name=spec.name)
+    tensor = request.inputs.add(name=spec.input, datatype="FP32")
+    tensor.shape.extend(x.shape)
+    request.outputs.add(name=spec.output)
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
 def _client(url: str, spec: BenchModel, batch: int, start_at: float, seconds: float,
             out: Any) -> None:
-    from edge.tools.triton_client import grpcclient
+    """One load-generating client: a gRPC channel sending the same encoded ModelInfer request
+    back to back and decoding each answer (as Triton's perf_analyzer prepares its requests
+    once). The servers' answers were checked against raw ONNX Runtime before (verify_server)."""
+    import grpc
 
-    client_mod = grpcclient()
+    from edge.protos import inference_pb2
+
     x = np.random.default_rng(os.getpid()).random((batch, *spec.shape), dtype=np.float32)
-    client = client_mod.InferenceServerClient(url)
-    inp = client_mod.InferInput(spec.input, list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
+    limit = 1 << 30
+    channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", limit),
+                                                  ("grpc.max_receive_message_length", limit)])
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                response_deserializer=inference_pb2.ModelInferResponse.FromString)
+    request = encoded_request(spec, x)
     for _ in range(2):
-        client.infer(spec.name, [inp])
+        infer(request)
     time.sleep(max(0.0, start_at - time.time()))
     latencies = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
-        client.infer(spec.name, [inp])
+        response = infer(request)
         latencies.append(time.perf_counter() - t)
+        if len(response.raw_output_contents) != 1:
+            raise RuntimeError(f"{url}: answer without its output {spec.output!r}")
+    channel.close()
     out.put(latencies)
 
 
@@ -421,7 +445,8 @@ def main(work: Path, models: list[str], batch: int, clients: int, seconds: float
               f"of {rounds} rounds in rotating order; {load}.\nraw = back-to-back session.run "
               f"from one thread (b1, and b{MAX_BATCH} = the servers' max_batch_size); servers: "
               f"dynamic batching, max_batch_size {MAX_BATCH}, no queue delay; clients are "
-              f"separate processes (tritonclient gRPC).\n\n")
+              f"separate processes (one encoded KServe v2 request sent back to back; answers "
+              f"checked with tritonclient first).\n\n")
     (work / "bench_serve.md").write_text(header + table)
     (work / "bench_serve.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print(header + table)

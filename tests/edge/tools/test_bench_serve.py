@@ -12,7 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.tools.bench_serve import MEDEDGE, RAW, TRITON, Result, _median, markdown
+from edge.tools.bench_serve import (
+    MEDEDGE,
+    RAW,
+    TRITON,
+    BenchModel,
+    Result,
+    _median,
+    drive,
+    encoded_request,
+    markdown,
+    start_mededge,
+)
 from edge.tools.bench_triton import (
     OutputMismatch,
     TritonUnavailable,
@@ -102,3 +113,42 @@ def test_median_over_rounds_skips_missing_figures() -> None:
     median = _median(rows)
     assert (median.p50_ms, median.p99_ms, median.throughput, median.mean_batch) == \
         (2.0, 4.0, 20.0, 3.0)
+
+
+def _probe_model(repo: Path) -> BenchModel:
+    """A near-zero-compute model: input [N,3,8,8] -> its per-channel mean [N,3]."""
+    from onnx import TensorProto, helper
+
+    from edge.tools.bench_models import write_model
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["logits"], axes=[2, 3], keepdims=0)],
+        "probe", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    write_model(repo, "probe", model)
+    return BenchModel("probe", "input", "logits", (3, 8, 8))
+
+
+def test_encoded_request_is_a_kserve_request_for_the_tensor() -> None:
+    from edge.protos import inference_pb2
+
+    spec = BenchModel("m", "image", "out", (2, 3))
+    x = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+    request = inference_pb2.ModelInferRequest.FromString(encoded_request(spec, x))
+    assert (request.model_name, request.inputs[0].name, request.inputs[0].datatype) == (
+        "m", "image", "FP32")
+    assert list(request.inputs[0].shape) == [2, 2, 3]
+    assert [o.name for o in request.outputs] == ["out"]
+    assert request.raw_input_contents[0] == x.tobytes()
+
+
+def test_clients_drive_a_real_mededge_server(tmp_path: Path) -> None:
+    spec = _probe_model(tmp_path / "repo")
+    proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
+    try:
+        latencies, throughput = drive(url, spec, batch=2, clients=2, seconds=0.5)
+    finally:
+        stop_group(proc)
+    assert latencies and throughput == len(latencies) * 2 / 0.5
