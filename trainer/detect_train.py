@@ -48,6 +48,8 @@ DEFAULTS = (30, 1024, 16, 3e-3, 256, "16,32,64")
 #: Training window (px of the model input): whole slices cost 4x as much at 256.
 CROP = 128
 LABELS = ("nodule",)
+#: Neighbouring slices stacked on each side (PreprocessSpec.context_slices); --context-slices.
+CONTEXT = 0
 MERGE = {"min_iou": 0.3, "max_gap": 1, "max_center_mm": 5.0}
 
 
@@ -67,9 +69,11 @@ def load_detection_data(args: argparse.Namespace, spec: PreprocessSpec
     """
     from trainer.datasets import load_data
 
-    data = load_data(args.data, spec, labels=("no_nodule", "nodule"), labels_csv=args.labels_csv,
-                     use_cache=not args.no_cache, progress=not args.no_progress)
+    data = load_data(args.data, replace(spec, context_slices=0), labels=("no_nodule", "nodule"),
+                     labels_csv=args.labels_csv, use_cache=not args.no_cache,
+                     progress=not args.no_progress)
     data.summary.log(str(args.data))
+    data = data.with_context(spec.context_slices)  # all slices loaded: real neighbours
     dset = attach_boxes(data, _coco_path(args), spec, LABELS)
     for split in ("train", "val"):
         if not (dset.slices.splits == split).any():
@@ -151,8 +155,10 @@ def run_detect(args: argparse.Namespace) -> int:
     epochs, samples, batch, lr, size, widths = DEFAULTS
     try:
         torch.manual_seed(args.seed)
+        context = getattr(args, "context_slices", None)
         spec = PreprocessSpec(height=args.size or size, width=args.size or size,
-                              window_center=args.window_center, window_width=args.window_width)
+                              window_center=args.window_center, window_width=args.window_width,
+                              context_slices=CONTEXT if context is None else context)
         dset, manifest = load_detection_data(args, spec)
         coco = _coco_path(args)
         train, val = dset.subset("train"), dset.subset("val")
@@ -160,7 +166,8 @@ def run_detect(args: argparse.Namespace) -> int:
         held = dset.subset(held_split)
         decode = DecodeSpec(stride=STRIDE)
         mspec = DetectorSpec(num_classes=len(LABELS),
-                             widths=tuple(int(v) for v in (args.widths or widths).split(",")))
+                             widths=tuple(int(v) for v in (args.widths or widths).split(",")),
+                             in_channels=spec.channels)
         mspec = replace(mspec, layers=(1,) * len(mspec.widths))
         model = build_detector(mspec)
         work_dir = args.work_dir or args.repo.resolve().parent / "runs" / args.model

@@ -1,7 +1,8 @@
 """The nodule detector: a small ResNet trunk (the classifier's, MONAI ResNet blocks) with a
 feature-pyramid merge to stride 4 and CenterNet heads.
 
-Input ``[N, 1, H, W]`` float32 (``H``, ``W`` multiples of 16); outputs, in this order and named so
+Input ``[N, C, H, W]`` float32 (``C`` 1, or 2k + 1 for a 2.5D input; ``H``, ``W`` multiples
+of 16); outputs, in this order and named so
 in ONNX (``docs/detection.md``): ``heatmap`` ``[N, C, H/4, W/4]`` logits, ``size``
 ``[N, 2, H/4, W/4]`` log (width, height) in input pixels, ``offset`` ``[N, 2, H/4, W/4]`` the
 centre's position inside its cell (sigmoid, so in (0, 1)). No decoding or NMS in the graph.
@@ -30,6 +31,7 @@ class DetectorSpec:
     layers: tuple[int, ...] = field(default=(1, 1, 1))
     head_width: int = 32
     prior: float = 0.01  # initial heatmap probability (focal-loss bias init)
+    in_channels: int = 1  # 2k + 1 for a 2.5D input (PreprocessSpec.context_slices = k)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "task": "detect", "stride": STRIDE}
@@ -38,7 +40,8 @@ class DetectorSpec:
     def from_dict(cls, data: dict[str, Any]) -> DetectorSpec:
         return cls(num_classes=int(data["num_classes"]), widths=tuple(data["widths"]),
                    layers=tuple(data["layers"]), head_width=int(data["head_width"]),
-                   prior=float(data.get("prior", 0.01)))
+                   prior=float(data.get("prior", 0.01)),
+                   in_channels=int(data.get("in_channels", 1)))
 
 
 def _head(width: int, out: int, bias: float = 0.0) -> torch.nn.Conv2d:
@@ -61,7 +64,7 @@ class CenterNetDetector(torch.nn.Module):
         widths = list(spec.widths) + [spec.widths[-1]] * (4 - n)
         layers = (list(spec.layers) + [1] * 4)[:4]
         net = MonaiResNet(block="basic", layers=layers, block_inplanes=widths, spatial_dims=2,
-                          n_input_channels=1, conv1_t_size=3, conv1_t_stride=2,
+                          n_input_channels=spec.in_channels, conv1_t_size=3, conv1_t_stride=2,
                           no_max_pool=False, num_classes=2)
         self.stem = torch.nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
         self.stages = torch.nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4][:n])

@@ -40,8 +40,11 @@ def top_slices(result: ResultFile, count: int) -> list[str]:
     return [s.sop_instance_uid for s in ranked[:count]]
 
 
-def slice_cam(served: ServedModel, dataset: pydicom.Dataset, deadline_s: float) -> np.ndarray:
-    """The CAM (H, W) of the first frame of ``dataset`` at the model's input size.
+def slice_cam(served: ServedModel, dataset: pydicom.Dataset, deadline_s: float,
+              inputs: np.ndarray | None = None) -> np.ndarray:
+    """The CAM (H, W) of the first frame of ``dataset`` at the model's input size; ``inputs``
+    the model input (1, C, H, W) when it is not the frame alone (a 2.5D model: the slice
+    stacked with its neighbours).
 
     Raises:
         DataError: undecodable pixels. MededgeError: scheduler or backend failure.
@@ -50,8 +53,13 @@ def slice_cam(served: ServedModel, dataset: pydicom.Dataset, deadline_s: float) 
     sidecar = served.sidecar
     assert sidecar is not None
     name = str(sidecar.postprocess["cam"])
-    decoded = decode(dataset, str(dataset.SOPInstanceUID))
-    x = preprocess_image(decoded.frames[0], decoded.meta, sidecar.preprocess)[np.newaxis]
+    if inputs is None:
+        if sidecar.preprocess.context_slices:
+            raise ValueError(f"{served.id}: a 2.5D model's CAM needs the slice's stacked input")
+        decoded = decode(dataset, str(dataset.SOPInstanceUID))
+        x = preprocess_image(decoded.frames[0], decoded.meta, sidecar.preprocess)[np.newaxis]
+    else:
+        x = inputs
     spec = served.inputs[0]
     response = served.submit(InferenceRequest(
         model=served.id.name, version=served.id.version,
@@ -63,9 +71,12 @@ def slice_cam(served: ServedModel, dataset: pydicom.Dataset, deadline_s: float) 
 def cam_results(results: Iterator[ResultFile], folder: Path, runs: Mapping[str, ModelRun],
                 served_for: Callable[[ModelRun], ServedModel], paths: Mapping[str, Path],
                 output: CamOutput, count: int, deadline_s: float,
-                on_error: Callable[[ModelRun, Exception], None]) -> Iterator[ResultFile]:
+                on_error: Callable[[ModelRun, Exception], None],
+                inputs_for: Callable[[ModelRun, str], np.ndarray | None] | None = None,
+                ) -> Iterator[ResultFile]:
     """``results`` as they come, each positive classification's SR followed by its CAM
-    objects. ``runs`` by model name; ``paths`` the spooled file of each instance.
+    objects. ``runs`` by model name; ``paths`` the spooled file of each instance;
+    ``inputs_for`` a slice's stacked input for 2.5D models (None: the frame alone).
 
     Raises:
         OSError: a result file cannot be written.
@@ -80,7 +91,8 @@ def cam_results(results: Iterator[ResultFile], folder: Path, runs: Mapping[str, 
         for index, uid in enumerate(top_slices(result, count)):
             try:
                 dataset = pydicom.dcmread(paths[uid])
-                cam = slice_cam(served_for(run), dataset, deadline_s)
+                stacked = inputs_for(run, uid) if inputs_for is not None else None
+                cam = slice_cam(served_for(run), dataset, deadline_s, stacked)
                 if output is CamOutput.SC:
                     obj = build_cam_sc(dataset, cam, run.sidecar.preprocess, run.model,
                                        algorithm, float(result.probability or 0.0), index)

@@ -216,6 +216,16 @@ class ContextBuffer:
                                            state.entries[key].source_shape))
             return jobs
 
+    def input_for(self, series: str, model: ModelId, key: FrameKey) -> np.ndarray | None:
+        """The (1, 2k + 1, H, W) input a slice last ran with (after completion: its final
+        neighbours), or None when it never ran or a source slice is no longer kept."""
+        with self._lock:
+            state = self._models.get((series, model))
+            sources = state.ran.get(key) if state is not None else None
+            if state is None or sources is None or any(s not in state.entries for s in sources):
+                return None
+            return _channels(state, sources)
+
     def forget(self, series: str, model: ModelId, key: FrameKey) -> None:
         """A claimed slice failed to run: let completion try it again."""
         with self._lock:

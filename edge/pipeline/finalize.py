@@ -19,12 +19,13 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from edge.core.config import Settings
 from edge.core.errors import MededgeError, ModelNotFoundError, ModelNotReadyError
-from edge.core.types import Task
+from edge.core.types import ModelId, Task
 from edge.dispatch.destination import Destination
 from edge.dispatch.worker import DeliveryWorker
 from edge.jobs import queries
@@ -64,9 +65,12 @@ class SeriesFinalizer:
                  store: SliceStore, accumulator: SeriesAccumulator, results_dir: Path,
                  delivery: DeliveryWorker | None, metrics: PipelineMetrics, feed: ResultFeed,
                  book: DeliveryBook, route_series: Callable[[SeriesInfo], Routing],
-                 complete_context: CompleteContext | None = None) -> None:
+                 complete_context: CompleteContext | None = None,
+                 context_input: Callable[[str, ModelId, str], np.ndarray | None] | None = None,
+                 ) -> None:
         self._settings = settings
         self._complete_context = complete_context
+        self._context_input = context_input
         self._ledger = ledger
         self._manager = manager
         self._store = store
@@ -135,7 +139,7 @@ class SeriesFinalizer:
                 {r.identity.sop_instance_uid: r.path for r in records},
                 CamOutput(self._settings.pipeline.cam_output),
                 self._settings.pipeline.cam_slices, self._settings.pipeline.deadline_s,
-                model_failed)
+                model_failed, self._stacked_input(uid))
             try:
                 events = [self._record(run_id, uid, study, pipeline, result, last_received_at)
                           for result in results]
@@ -178,6 +182,14 @@ class SeriesFinalizer:
             return
         if ran:
             LOG.info("series %s, %s: %d slice(s) run at completion (2.5D)", uid, served.id, ran)
+
+    def _stacked_input(self, uid: str) -> Callable[[ModelRun, str], np.ndarray | None] | None:
+        """A 2.5D model's stacked input of one slice of series ``uid`` (for its CAM)."""
+        lookup = self._context_input
+        if lookup is None:
+            return None
+        return lambda run, sop: (lookup(uid, run.model, sop)
+                                 if run.sidecar.preprocess.context_slices else None)
 
     def _sources(self, uid: str, records: list[InstanceRecord]) -> list[SourceInstance]:
         """Each instance's header: kept by the workers, else read from the spool (headers

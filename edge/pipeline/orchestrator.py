@@ -116,7 +116,8 @@ class Orchestrator:
         self._finish = SeriesFinalizer(settings, ledger, manager, self.store, self._accumulator,
                                        self.results_dir, delivery, self.metrics, self.feed,
                                        self._book, self._route,
-                                       self._processor.complete_context)
+                                       self._processor.complete_context,
+                                       self._processor.context_input)
 
     @property
     def recorder(self) -> PipelineRecorder:

@@ -27,7 +27,7 @@ from edge.core.errors import (
     ModelNotReadyError,
     QueueFullError,
 )
-from edge.core.types import InferenceRequest, InferenceResponse, Task
+from edge.core.types import InferenceRequest, InferenceResponse, ModelId, Task
 from edge.jobs.ledger import InstanceState, Ledger, RunState
 from edge.pipeline.accumulator import SeriesAccumulator, SourceHeader, strip_pixels
 from edge.pipeline.context import ContextBuffer, ContextJob
@@ -238,6 +238,12 @@ class InstanceProcessor:
             lambda key: self._store.path(series, model, key[0], key[1]).is_file())
         self._run_context(series, served, jobs, 0)
         return len(jobs)
+
+    def context_input(self, series: str, model: ModelId, sop_instance_uid: str,
+                      frame: int = 1) -> np.ndarray | None:
+        """A 2.5D slice's model input as it last ran (None: not kept), for a second
+        inference of the same slice (the CAM at finalize)."""
+        return self._context.input_for(series, model, (sop_instance_uid, frame))
 
     def forget_series(self, series: str) -> None:
         """Drop what the 2.5D buffer keeps of a finished series."""

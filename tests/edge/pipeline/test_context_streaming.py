@@ -37,22 +37,29 @@ platform: "onnxruntime_onnx"
 max_batch_size: 8
 input {{ name: "image" data_type: TYPE_FP32 dims: [3, {SIZE}, {SIZE}] }}
 output {{ name: "logits" data_type: TYPE_FP32 dims: [2] }}
+output {{ name: "cam" data_type: TYPE_FP32 dims: [1, {SIZE}, {SIZE}] }}
 instance_group {{ count: 1 kind: KIND_CPU }}
 """
 
 
 def context_model(path: Path) -> Path:
     """logits = (per-channel mean) @ W + b, W different per channel: a wrong neighbour or
-    channel order changes the output."""
+    channel order changes the output; the bias makes every slice positive, so the series
+    gets a CAM (here the centre channel: any stacked input gives one)."""
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])
+    cam = helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 1, SIZE, SIZE])
     weights = np.array([[1.0, -2.0], [3.0, 0.5], [-5.0, 7.0]], np.float32)
     inits = [numpy_helper.from_array(weights, "w"),
-             numpy_helper.from_array(np.array([0.1, -0.2], np.float32), "b")]
+             numpy_helper.from_array(np.array([-20.0, 20.0], np.float32), "b"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([2], np.int64), "two")]
     nodes = [helper.make_node("GlobalAveragePool", ["image"], ["m"]),
              helper.make_node("Flatten", ["m"], ["f"]),
-             helper.make_node("Gemm", ["f", "w", "b"], ["logits"])]
-    model = helper.make_model(helper.make_graph(nodes, "ctx_cls", [x], [y], inits),
+             helper.make_node("Gemm", ["f", "w", "b"], ["logits"]),
+             helper.make_node("Slice", ["image", "one", "two", "one"], ["centre"]),
+             helper.make_node("Sigmoid", ["centre"], ["cam"])]
+    model = helper.make_model(helper.make_graph(nodes, "ctx_cls", [x], [y, cam], inits),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -71,7 +78,8 @@ def test_context_model_streams_and_matches_offline_stacking(tmp_path: Path) -> N
                     parse_model_config(CONFIG), Sidecar(
                         task=Task.CLASSIFY, labels=("no_nodule", "nodule"), preprocess=SPEC,
                         thresholds={"nodule": 0.5},
-                        postprocess={"activation": "softmax", "output": "logits"}))
+                        postprocess={"activation": "softmax", "output": "logits",
+                                     "cam": "cam"}))
     settings = load_settings(None, {
         "server": {"model_repository": str(tmp_path / "repo"), "data_dir": str(tmp_path / "srv"),
                    "bind": "127.0.0.1", "grpc_port": 0, "http_port": 0},
@@ -95,6 +103,7 @@ def test_context_model_streams_and_matches_offline_stacking(tmp_path: Path) -> N
         stored = {str(ds.SOPInstanceUID): store.load(series, MODEL, str(ds.SOPInstanceUID), 1)
                   for ds in datasets}
         srs = list((tmp_path / "srv" / "results" / series).glob("*/sr-ctx_cls-v1.dcm"))
+        cams = list((tmp_path / "srv" / "results" / series).glob("*/cam-*-ctx_cls-v1-*.dcm"))
     # offline: preprocess every file, order along the normal, stack, run the same ONNX file
     frames = [frame_geometries(ds)[0] for ds in datasets]
     order, _, _ = slice_order(frames)
@@ -103,13 +112,14 @@ def test_context_model_streams_and_matches_offline_stacking(tmp_path: Path) -> N
         decoded = decode(datasets[i], str(datasets[i].SOPInstanceUID))
         slices.append(preprocess_image(decoded.frames[0], decoded.meta, SPEC))
     expected = ort.InferenceSession(str(onnx_path)).run(
-        None, {"image": stack_context(slices, SPEC.context_slices)})[0]
+        ["logits"], {"image": stack_context(slices, SPEC.context_slices)})[0]
     for row, i in enumerate(order):
         uid = str(datasets[i].SOPInstanceUID)
         assert stored[uid] is not None, f"slice {row} ({uid}) has no output"
         np.testing.assert_allclose(stored[uid], expected[row], rtol=1e-5, atol=1e-5,
                                    err_msg=f"slice {row} of the volume")
     single = ort.InferenceSession(str(onnx_path)).run(
-        None, {"image": np.repeat(np.stack(slices), 3, axis=1)})[0]
+        ["logits"], {"image": np.repeat(np.stack(slices), 3, axis=1)})[0]
     assert not np.allclose(single, expected, atol=1e-3)  # the test would see a wrong stack
     assert len(srs) == 1, "the classifier's SR was not written"
+    assert cams, "no CAM for the positive series (the stacked input was not found)"
