@@ -25,13 +25,13 @@ from pynetdicom import (
     sop_class,
 )
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 
 from edge.core.config import Settings
 from edge.core.tls import server_context
 from edge.ingest import AssociationClosed, InstanceRecorder, ReceivedInstance, ReleaseCallback
 from edge.ingest.peers import PeerPolicy
+from edge.ingest.reactor import EventDrivenServer
 from edge.ingest.spool import Spool
 from edge.ingest.stats import IngestStats
 from edge.ingest.statuses import (
@@ -144,7 +144,7 @@ class DicomListener:
         self._ae = self._make_ae()
         self._ssl = server_context(settings.dicom.tls, "dicom.tls",  # None: plain TCP
                                    settings.dicom.network_timeout_s)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: EventDrivenServer | None = None
 
     @property
     def ae(self) -> AE:
@@ -182,12 +182,14 @@ class DicomListener:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
-        server = self._ae.start_server((self._bind, self._settings.port), block=False,
-                                       ssl_context=self._ssl, evt_handlers=handlers)
-        assert server is not None  # start_server(block=False) returns the server
+        server = cast(EventDrivenServer, self._ae.make_server(
+            (self._bind, self._settings.port), ssl_context=self._ssl, evt_handlers=handlers,
+            server_class=EventDrivenServer))
+        threading.Thread(target=server.serve_forever, name=f"dicom-listener:{self._bind}",
+                         daemon=True).start()
         self._server = server
         port = int(server.server_address[1])
         LOG.info("DICOM listener %s on %s:%d%s", self._settings.ae_title, self._bind, port,
@@ -198,7 +200,8 @@ class DicomListener:
         """Stop listening and abort associations still open. Safe to call twice."""
         if self._server is None:
             return
-        self._ae.shutdown()
+        self._server.shutdown()
+        self._ae.shutdown()  # aborts the associations still open
         self._server = None
 
     def __enter__(self) -> DicomListener:
@@ -250,7 +253,13 @@ class DicomListener:
         with self._lock:
             self._delivered[id(event.assoc)] = _Delivered(str(event.assoc.requestor.ae_title))
 
-    def _on_released(self, event: evt.Event) -> None:
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        """Note the peer's A-RELEASE-RQ. It is read before the response goes out, whereas
+        EVT_RELEASED may fire after the connection has closed (the peer closes as soon as it
+        has our A-RELEASE-RP), too late for :meth:`_on_conn_close`."""
+        primitive = event.primitive
+        if not isinstance(primitive, A_RELEASE) or primitive.result is not None:
+            return
         with self._lock:
             delivered = self._delivered.get(id(event.assoc))
             if delivered is not None:
