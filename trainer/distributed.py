@@ -3,10 +3,12 @@
 ``torchrun --nproc_per_node=K -m edge.cli train ...`` sets ``WORLD_SIZE``/``RANK``/
 ``LOCAL_RANK``; then the process group is initialised (NCCL on CUDA, gloo on CPU), each rank
 draws its own share of every epoch's samples, and only rank 0 evaluates and writes files.
+With debug logging (``mededge -v``) each rank logs the sample indices of its shard per epoch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,4 +102,7 @@ class ShardedWeightedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self._seed, self._epoch])
         draw = rng.choice(self._p.size, size=self._per_rank * self._world, p=self._p)
-        return iter(int(i) for i in draw[self._rank::self._world])
+        shard = [int(i) for i in draw[self._rank::self._world]]
+        log.debug("sampler rank %d/%d epoch %d: %s", self._rank, self._world, self._epoch,
+                  " ".join(map(str, shard)))
+        return iter(shard)
