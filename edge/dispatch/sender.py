@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,9 @@ def _set_nodelay(event: evt.Event) -> None:
 
 
 class DicomSender:
-    """Storage SCU for :class:`Destination` peers. Safe to use from one thread at a time."""
+    """Storage SCU for :class:`Destination` peers. Safe to use from several threads at once:
+    each thread gets its own pynetdicom AE (the delivery worker sends to each destination
+    from its own thread)."""
 
     def __init__(self, settings: DispatchSettings,
                  evt_handlers: Sequence[tuple[Any, ...]] = ()) -> None:
@@ -106,12 +109,21 @@ class DicomSender:
         """
         self.settings = settings
         self._ssl = client_context(settings.tls, "dispatch.tls")  # None: plain TCP
-        self._ae = AE(ae_title=settings.ae_title)
-        self._ae.connection_timeout = settings.connection_timeout_s
-        self._ae.acse_timeout = settings.acse_timeout_s
-        self._ae.dimse_timeout = settings.dimse_timeout_s
-        self._ae.network_timeout = settings.network_timeout_s
+        self._local = threading.local()
         self._handlers: list[Any] = [(evt.EVT_CONN_OPEN, _set_nodelay), *evt_handlers]
+
+    def _ae(self) -> AE:
+        """This thread's application entity."""
+        ae: AE | None = getattr(self._local, "ae", None)
+        if ae is None:
+            settings = self.settings
+            ae = AE(ae_title=settings.ae_title)
+            ae.connection_timeout = settings.connection_timeout_s
+            ae.acse_timeout = settings.acse_timeout_s
+            ae.dimse_timeout = settings.dimse_timeout_s
+            ae.network_timeout = settings.network_timeout_s
+            self._local.ae = ae
+        return ae
 
     def send(self, paths: Sequence[Path], destination: Destination) -> tuple[StoreOutcome, ...]:
         """C-STORE each file to ``destination``; one outcome per path, in order.
@@ -128,7 +140,7 @@ class DicomSender:
         return tuple(r if isinstance(r, StoreOutcome) else results[r.path].pop(0) for r in read)
 
     def _send_batch(self, items: list[_Item], destination: Destination) -> list[StoreOutcome]:
-        assoc = self._ae.associate(destination.host, destination.port, _contexts(items),
+        assoc = self._ae().associate(destination.host, destination.port, _contexts(items),
                                    ae_title=destination.ae_title, max_pdu=self.settings.max_pdu,
                                    evt_handlers=self._handlers,
                                    tls_args=None if self._ssl is None

@@ -453,17 +453,36 @@ class Ledger:
         marks = ", ".join("?" * len(values))
         return self._deliveries(f"d.state IN ({marks}) ORDER BY d.delivery_id", values)
 
-    def due_deliveries(self, now: float, limit: int = 1000) -> list[DeliveryRecord]:
-        """Pending or failed deliveries whose next attempt is due, in due order."""
-        return self._deliveries("d.state IN ('pending', 'failed') AND d.next_attempt_at <= ? "
-                                "ORDER BY d.next_attempt_at, d.delivery_id LIMIT ?", (now, limit))
+    def due_deliveries(self, now: float, limit: int = 1000,
+                       destination: str | None = None) -> list[DeliveryRecord]:
+        """Pending or failed deliveries whose next attempt is due, in due order; only those
+        to ``destination`` when it is given."""
+        if destination is None:
+            return self._deliveries("d.state IN ('pending', 'failed') AND d.next_attempt_at <= ? "
+                                    "ORDER BY d.next_attempt_at, d.delivery_id LIMIT ?",
+                                    (now, limit))
+        return self._deliveries("d.state IN ('pending', 'failed') AND d.destination = ? AND "
+                                "d.next_attempt_at <= ? ORDER BY d.next_attempt_at, "
+                                "d.delivery_id LIMIT ?", (destination, now, limit))
 
-    def next_delivery_due(self) -> float | None:
-        """The earliest next_attempt_at of pending or failed deliveries; None if there are none."""
+    def next_delivery_due(self, destination: str | None = None) -> float | None:
+        """The earliest next_attempt_at of pending or failed deliveries (to ``destination``
+        when given); None if there are none."""
+        where, args = ("", ()) if destination is None else (" AND destination = ?",
+                                                             (destination,))
         with self._lock:
             row = self._db.execute("SELECT MIN(next_attempt_at) FROM deliveries "
-                                   "WHERE state IN ('pending', 'failed')").fetchone()
+                                   f"WHERE state IN ('pending', 'failed'){where}",
+                                   args).fetchone()
         return None if row[0] is None else float(row[0])
+
+    def open_delivery_destinations(self) -> list[str]:
+        """Destinations with pending or failed deliveries, earliest due first."""
+        with self._lock:
+            rows = self._db.execute("SELECT destination FROM deliveries WHERE state IN "
+                                    "('pending', 'failed') GROUP BY destination "
+                                    "ORDER BY MIN(next_attempt_at)").fetchall()
+        return [str(r[0]) for r in rows]
 
     def mark_deliveries_sending(self, delivery_ids: Sequence[int]) -> None:
         """Start an attempt on each delivery (state sending, attempts + 1), in one transaction.

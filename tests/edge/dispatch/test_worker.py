@@ -263,3 +263,53 @@ def test_restarted_worker_resumes_and_delivers_once(tmp_path: Path) -> None:
         stop(scp)
     received = sorted(p.name for p in (tmp_path / "received").iterdir())
     assert received == sorted(f"CT.{uid}" for uid in (queued[2], interrupted[2]))
+
+
+@pytest.mark.skipif(not STORESCP.exists(), reason="dcmtk's storescp is not installed")
+def test_a_silent_destination_does_not_hold_up_a_healthy_one(ledger: Ledger,
+                                                             tmp_path: Path) -> None:
+    """A PACS that takes the TCP connection and never answers keeps its lane in the ACSE wait
+    (60 s here); deliveries to storescp, enqueued after it, are done meanwhile."""
+    patient = DispatchSettings(ae_title="MEDEDGE_TEST", connection_timeout_s=2, acse_timeout_s=60,
+                               dimse_timeout_s=10, network_timeout_s=10)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # never accepted: the kernel completes the handshake, nobody speaks
+    port = free_port()
+    scp = start_storescp(port, tmp_path / "received")
+    try:
+        with DeliveryWorker(ledger, DicomSender(patient), FAST) as worker:
+            stuck = worker.enqueue(*add_result(ledger, tmp_path)[:2],
+                                   Destination("SILENT", "127.0.0.1", silent.getsockname()[1]))
+            wait_for(lambda: record(ledger, stuck).state is DeliveryState.SENDING,
+                     "the attempt on the silent PACS")
+            healthy = Destination("STORESCP", "127.0.0.1", port)
+            ids = [worker.enqueue(*add_result(ledger, tmp_path)[:2], healthy) for _ in range(3)]
+            wait_for(lambda: all(record(ledger, i).state is DeliveryState.DONE for i in ids),
+                     "deliveries to storescp while the silent PACS holds its association")
+            assert record(ledger, stuck).state is DeliveryState.SENDING, \
+                "the silent PACS's attempt ended: the test proves nothing"
+            silent.close()  # resets the waiting connection: that attempt fails and is retried
+            wait_for(lambda: record(ledger, stuck).attempts >= 2, "a second attempt")
+    finally:
+        silent.close()
+        stop(scp)
+    assert len(list((tmp_path / "received").iterdir())) == 3
+
+
+@pytest.mark.skipif(not STORESCP.exists(), reason="dcmtk's storescp is not installed")
+def test_destinations_over_the_lane_limit_wait_their_turn(ledger: Ledger,
+                                                          tmp_path: Path) -> None:
+    port = free_port()
+    scp = start_storescp(port, tmp_path / "received")
+    try:
+        # storescp answers any called AE title, so these are two destinations on one peer
+        first, second = (Destination(aet, "127.0.0.1", port) for aet in ("FIRST", "SECOND"))
+        with DeliveryWorker(ledger, DicomSender(SETTINGS), FAST, max_destinations=1) as worker:
+            ids = [worker.enqueue(*add_result(ledger, tmp_path)[:2], d)
+                   for d in (first, second, first, second)]
+            wait_for(lambda: all(record(ledger, i).state is DeliveryState.DONE for i in ids),
+                     "deliveries to both destinations")
+            wait_for(lambda: not worker.destinations(), "idle lanes to retire")
+    finally:
+        stop(scp)
