@@ -30,6 +30,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 from edge.core.config import Settings
 from edge.core.tls import server_context
 from edge.ingest import AssociationClosed, InstanceRecorder, ReceivedInstance, ReleaseCallback
+from edge.ingest.header import scan_identity
 from edge.ingest.peers import PeerPolicy
 from edge.ingest.reactor import EventDrivenServer
 from edge.ingest.spool import Spool
@@ -257,7 +258,7 @@ class DicomListener:
         """Note the peer's A-RELEASE-RQ. It is read before the response goes out, whereas
         EVT_RELEASED may fire after the connection has closed (the peer closes as soon as it
         has our A-RELEASE-RP), too late for :meth:`_on_conn_close`."""
-        primitive = event.primitive
+        primitive = cast(Any, event).primitive  # EVT_ACSE_RECV carries the primitive
         if not isinstance(primitive, A_RELEASE) or primitive.result is not None:
             return
         with self._lock:
@@ -312,10 +313,17 @@ class DicomListener:
     @staticmethod
     def _identity(event: evt.Event, sop_instance_uid: str) -> InstanceIdentity:
         """Raises: UnreadableDatasetError, InvalidUidError, DatasetMismatchError."""
-        try:
-            dataset = event.dataset  # decoded lazily: pixel data stays raw bytes
-        except Exception as exc:
-            raise UnreadableDatasetError(f"cannot decode the dataset: {exc}") from exc
+        syntax = event.context.transfer_syntax
+        encoded = cast(BytesIO, cast(C_STORE, event.request).DataSet)
+        dataset: Any = None
+        if not syntax.is_deflated:  # read from the bytes (header.py), else by pydicom
+            dataset = scan_identity(encoded.getbuffer(), syntax.is_implicit_VR,
+                                    syntax.is_little_endian)
+        if dataset is None:
+            try:
+                dataset = event.dataset  # decodes every element; values converted lazily
+            except Exception as exc:
+                raise UnreadableDatasetError(f"cannot decode the dataset: {exc}") from exc
         return InstanceIdentity.from_dataset(
             dataset, str(cast(C_STORE, event.request).AffectedSOPClassUID), sop_instance_uid,
             str(event.context.transfer_syntax))

@@ -91,7 +91,7 @@ def test_store_response_bytes_are_pynetdicoms(instance_uid: str, status: int) ->
 
 def test_store_response_with_error_comment_is_left_to_pynetdicom() -> None:
     rsp = response("1.2.3", 0xA900)
-    rsp.ErrorComment = "mismatch"
+    rsp.ErrorComment = "mismatch"  # type: ignore[assignment]  # pynetdicom types it None
     assert store_response(rsp) is None, "encoded a response with an Error Comment"
 
 
