@@ -28,6 +28,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from edge.core.config import DispatchSettings
 from edge.core.tls import client_context
 from edge.dispatch.destination import Destination
+from edge.dispatch.responses import install
 from edge.dispatch.retry import LocalStatus
 
 LOG = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class DicomSender:
                 error = f"{destination} accepted none of the proposed presentation contexts"
             LOG.warning("%s", error)
             return [StoreOutcome(i.path, i.sop_instance_uid, status, error) for i in items]
+        install(assoc)  # a dropped connection ends the wait for a response at once
         try:
             return [self._store(assoc, item, destination) for item in items]
         finally:

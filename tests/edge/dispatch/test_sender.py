@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -178,3 +179,31 @@ def test_rejected_association_says_why(orthanc: Orthanc, tmp_path: Path) -> None
     (outcome,) = DicomSender(SETTINGS).send([path], wrong_aet)
     assert outcome.status == LocalStatus.NO_ASSOCIATION
     assert "rejected" in outcome.error
+
+
+def test_a_dropped_connection_ends_the_wait_for_the_response(tmp_path: Path) -> None:
+    """The peer closes the connection instead of answering a C-STORE: the sender reports the
+    closed connection instead of waiting out its DIMSE timeout (600 s here; the send gets a
+    tenth of that before the test gives up on it)."""
+    def drop(event: evt.Event) -> int:
+        event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+        return 0x0000
+
+    ae = AE(ae_title="DROPPER")
+    ae.supported_contexts = StoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, drop)])
+    assert server is not None
+    patient = DispatchSettings(ae_title="MEDEDGE_TEST", connection_timeout_s=2,
+                               acse_timeout_s=5, dimse_timeout_s=600, network_timeout_s=600)
+    files = [copy_instance("CT_small.dcm", tmp_path)[0] for _ in range(2)]
+    outcomes: list[StoreOutcome] = []
+    sending = threading.Thread(target=lambda: outcomes.extend(DicomSender(patient).send(
+        files, Destination("DROPPER", "127.0.0.1", server.server_address[1]))), daemon=True)
+    try:
+        sending.start()
+        sending.join(60)
+        assert not sending.is_alive(), "still waiting for a response on a closed connection"
+    finally:
+        server.shutdown()
+    assert [o.status for o in outcomes] == [LocalStatus.NO_ASSOCIATION] * 2
