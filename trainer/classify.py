@@ -136,16 +136,23 @@ class ClassifyHooks:
     def loss(self, output: Any, label: torch.Tensor | None,
              mask: torch.Tensor | None) -> torch.Tensor:
         assert label is not None
-        logits, dense = output if isinstance(output, tuple) else (output, None)
+        parts = output if isinstance(output, tuple) else (output,)
+        logits, dense = parts[0], parts[1] if len(parts) > 1 else None
+        lung = parts[2] if len(parts) > 2 else None
         loss = self._ce(logits.float(), label)
         if dense is None or mask is None or self.dense_weight == 0:
             return loss
         known = ~(mask == IGNORE).flatten(1).any(dim=1)  # slices with a real reference
         if not bool(known.any()):
             return loss
-        target = (mask[known] == NODULE).float()[:, None]
-        target = torch.nn.functional.adaptive_max_pool2d(target, dense.shape[-2:])
-        return loss + self.dense_weight * sigmoid_focal_loss(dense[known].float(), target)
+        pool = torch.nn.functional.adaptive_max_pool2d
+        target = pool((mask[known] == NODULE).float()[:, None], dense.shape[-2:])
+        loss = loss + self.dense_weight * sigmoid_focal_loss(dense[known].float(), target)
+        if lung is not None:  # a cell touching lung or nodule is lung (pleural nodules too)
+            inside = ((mask[known] == LUNG) | (mask[known] == NODULE)).float()[:, None]
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(
+                lung[known].float(), pool(inside, lung.shape[-2:]))
+        return loss
 
     def evaluate(self, probs: np.ndarray, data: SliceSet) -> dict[str, float]:
         """Metrics under the rule (ignored slices left out) plus ``auc_any_touch``: the AUC

@@ -32,7 +32,9 @@ DEFAULTS = {
 CLASSIFY_CROP, CLASSIFY_HEAD_STRIDE, MIN_VISIBLE_MM = 128, 4, 3.0
 #: Classifier: neighbours stacked on each side (PreprocessSpec.context_slices) and where
 #: negative windows are drawn (trainer/classify.py: crop_origins).
-CLASSIFY_CONTEXT, CLASSIFY_NEGATIVES = 0, "lung"
+CLASSIFY_CONTEXT, CLASSIFY_CONTEXT_MM, CLASSIFY_NEGATIVES = 0, None, "lung"
+#: Classifier: gate the nodule evidence by a predicted lung map (trainer/models.py).
+CLASSIFY_LUNG_GATE = False
 NEGATIVE_MODES = ("lung", "lung-border")
 
 #: Tasks trained by their own modules (trainer/detect_train.py, trainer/train3d.py).
@@ -70,10 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classify/detect: 2.5D input, each slice stacked with this many "
                              "neighbours on each side along the slice normal (0: one slice; "
                              "default per task)")
+    parser.add_argument("--context-spacing-mm", type=float, default=None,
+                        help="classify/detect: with --context-slices, the neighbours are the "
+                             "volume at multiples of this distance along the normal (linear "
+                             "between slices) instead of the next slices (default per task)")
     parser.add_argument("--negatives", choices=NEGATIVE_MODES, default=CLASSIFY_NEGATIVES,
                         help="classify: where negative training windows are centred: 'lung' "
                              "(half on lung pixels, half anywhere) or 'lung-border' (a third "
                              "each on lung pixels, just outside the lung, anywhere)")
+    parser.add_argument("--lung-gate", action=argparse.BooleanOptionalAction,
+                        default=CLASSIFY_LUNG_GATE,
+                        help="classify: a lung head gates the nodule evidence (needs masks)")
     parser.add_argument("--threshold", type=float,
                         help="classification threshold (default: Youden's J on validation)")
     parser.add_argument("--seed", type=int, default=0)
@@ -116,7 +125,7 @@ def prepare_data(args: argparse.Namespace, spec: PreprocessSpec) -> SliceSet:
                      labels_csv=args.labels_csv, label_column=column,
                      use_cache=not args.no_cache, progress=not args.no_progress)
     data.summary.log(str(args.data))
-    data = data.with_context(spec.context_slices)
+    data = data.with_context(spec.context_slices, spec.context_spacing_mm)
     data = (drop_unlabelled_masks(data) if args.task == "segment"
             else data.select(data.labels >= 0))
     for split in ("train", "val"):
@@ -149,16 +158,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         seed_everything(args.seed)
         context = CLASSIFY_CONTEXT if args.context_slices is None else args.context_slices
+        context_mm = (CLASSIFY_CONTEXT_MM if args.context_spacing_mm is None
+                      else args.context_spacing_mm)
+        use = args.task == "classify" and context > 0
         spec = PreprocessSpec(height=args.size or size, width=args.size or size,
                               window_center=args.window_center, window_width=args.window_width,
-                              context_slices=context if args.task == "classify" else 0)
+                              context_slices=context if use else 0,
+                              context_spacing_mm=context_mm if use else None)
         data = prepare_data(args, spec)
         train_set, val_set = data.subset("train"), data.subset("val")
         labels = labels_for(args.task)
         mspec = ModelSpec(task=args.task, num_classes=len(labels),
                           widths=tuple(int(w) for w in (args.widths or widths).split(",")),
                           head_stride=args.head_stride if args.task == "classify" else 0,
-                          in_channels=spec.channels)
+                          in_channels=spec.channels,
+                          lung_gate=bool(args.lung_gate) and args.task == "classify")
         work_dir = args.work_dir or args.repo.resolve().parent / "runs" / args.model
         cfg = TrainConfig(
             epochs=args.epochs or epochs, batch_size=args.batch_size or batch,

@@ -49,7 +49,7 @@ DEFAULTS = (30, 1024, 16, 3e-3, 256, "16,32,64")
 CROP = 128
 LABELS = ("nodule",)
 #: Neighbouring slices stacked on each side (PreprocessSpec.context_slices); --context-slices.
-CONTEXT = 0
+CONTEXT, CONTEXT_MM = 0, None
 MERGE = {"min_iou": 0.3, "max_gap": 1, "max_center_mm": 5.0}
 
 
@@ -73,7 +73,8 @@ def load_detection_data(args: argparse.Namespace, spec: PreprocessSpec
                      labels_csv=args.labels_csv, use_cache=not args.no_cache,
                      progress=not args.no_progress)
     data.summary.log(str(args.data))
-    data = data.with_context(spec.context_slices)  # all slices loaded: real neighbours
+    # all slices are loaded: each gets its real neighbours
+    data = data.with_context(spec.context_slices, spec.context_spacing_mm)
     dset = attach_boxes(data, _coco_path(args), spec, LABELS)
     for split in ("train", "val"):
         if not (dset.slices.splits == split).any():
@@ -156,9 +157,13 @@ def run_detect(args: argparse.Namespace) -> int:
     try:
         torch.manual_seed(args.seed)
         context = getattr(args, "context_slices", None)
+        context = CONTEXT if context is None else context
+        context_mm = getattr(args, "context_spacing_mm", None)
+        context_mm = CONTEXT_MM if context_mm is None else context_mm
         spec = PreprocessSpec(height=args.size or size, width=args.size or size,
                               window_center=args.window_center, window_width=args.window_width,
-                              context_slices=CONTEXT if context is None else context)
+                              context_slices=context,
+                              context_spacing_mm=context_mm if context else None)
         dset, manifest = load_detection_data(args, spec)
         coco = _coco_path(args)
         train, val = dset.subset("train"), dset.subset("val")

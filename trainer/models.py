@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import ResNet as MonaiResNet
 from monai.networks.nets import UNet
 
@@ -32,6 +33,9 @@ class ModelSpec:
     head_stride: int = 0
     #: input channels: 1, or 2k + 1 for a 2.5D input (``PreprocessSpec.context_slices`` = k)
     in_channels: int = 1
+    #: classifier with a head stride: a second 1x1 head predicts the lung (a stride-cell
+    #: touching lung or nodule) and the nodule evidence is gated by it (see NoduleClassifier)
+    lung_gate: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,7 +47,8 @@ class ModelSpec:
                    stem_stride=int(data.get("stem_stride", 2)),
                    stem_pool=bool(data.get("stem_pool", True)),
                    head_stride=int(data.get("head_stride", 0)),
-                   in_channels=int(data.get("in_channels", 1)))
+                   in_channels=int(data.get("in_channels", 1)),
+                   lung_gate=bool(data.get("lung_gate", False)))
 
 
 class NoduleClassifier(torch.nn.Module):
@@ -61,6 +66,12 @@ class NoduleClassifier(torch.nn.Module):
     addition, from the deepest stage down to that stride) feeds the head: the map then keeps
     the spatial detail of the shallow stages (a 6 mm nodule is a few pixels at 256x256) and the
     context of the deep ones (a round blob versus a vessel running through the plane).
+
+    With ``spec.lung_gate`` a second 1x1 head on the same features predicts the lung
+    (``lung`` logit per cell) and the map becomes ``evidence - softplus(-lung)`` =
+    ``evidence + log sigmoid(lung)``: unchanged inside the lung, pushed down outside it
+    (mediastinum, hila, chest wall), where a nodule-like blob is not a lung nodule. In
+    training mode ``forward`` then returns ``(logits, evidence, lung)``.
 
     Raises:
         ValueError: 1 to 4 stages, or a ``head_stride`` that no stage has.
@@ -96,12 +107,21 @@ class NoduleClassifier(torch.nn.Module):
         self.head = torch.nn.Sequential(
             torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.BatchNorm2d(width),
             torch.nn.ReLU(inplace=True), torch.nn.Conv2d(width, 1, 1))
+        self.lung_head = torch.nn.Conv2d(width, 1, 1) if spec.lung_gate else None
+        if spec.lung_gate and not spec.head_stride:
+            raise ValueError("classifier: lung_gate needs a head_stride")
         if spec.head_stride:
             # RetinaNet's prior: every location starts at p = 0.01, so the focal loss on a map
             # that is almost all background starts small instead of swamping the first steps.
             torch.nn.init.constant_(self.head[-1].bias, -math.log(99.0))
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The (gated) nodule-logit map the slice decision is the maximum of."""
+        evidence, lung = self.maps(x)
+        return evidence if lung is None else evidence - F.softplus(-lung)
+
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The raw nodule-evidence map and, with ``lung_gate``, the lung-logit map."""
         feats = []
         x = self.stem(x)
         for stage in self.stages:
@@ -111,13 +131,19 @@ class NoduleClassifier(torch.nn.Module):
         for k in range(len(feats) - 2, self.merge_from - 1, -1):
             y = torch.nn.functional.interpolate(y, size=feats[k].shape[-2:], mode="nearest")
             y = y + self.laterals[k - self.merge_from](feats[k])
-        return self.head(y)
+        if self.lung_head is None:
+            return self.head(y), None
+        features = self.head[:-1](y)
+        return self.head[-1](features), self.lung_head(features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        dense = self.dense(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        evidence, lung = self.maps(x)
+        dense = evidence if lung is None else evidence - F.softplus(-lung)
         positive = torch.amax(dense, dim=(2, 3))
         logits = torch.cat([torch.zeros_like(positive), positive], dim=1)
-        return (logits, dense) if self.training else logits
+        if not self.training:
+            return logits
+        return (logits, evidence) if lung is None else (logits, evidence, lung)
 
 
 def build_classifier(spec: ModelSpec) -> torch.nn.Module:

@@ -6,12 +6,14 @@ with its ``k`` neighbours on each side along the slice normal
 its neighbours are known. :class:`ContextBuffer` keeps each frame's preprocessed slice per
 (series, model) and decides:
 
-- **while the series streams**, a slice runs as soon as its ``2k`` nearest frames along the
-  normal have arrived and are provably its true neighbours: one stack (same size, orientation
-  within a degree), steps along the normal regular (each within 10 % of their median), and
-  no slice missing between them: InstanceNumbers (single-frame instances) or frame numbers
-  (frames of one instance) differ by exactly their distance in the sorted stack. Without that
-  proof (no InstanceNumber, gaps, the current ends of the stack) the slice waits;
+- **while the series streams**, a slice runs as soon as every frame its input needs has
+  arrived (its ``k`` neighbours on each side; with ``context_spacing_mm``, the frames around
+  each point ``k x spacing`` mm away, which must lie inside the frames received) and no frame
+  can still arrive among them: one stack (same size, orientation within a degree), steps
+  along the normal regular (each within 10 % of their median), and each pair of neighbours
+  adjacent by InstanceNumber (single-frame instances) or frame number (frames of one
+  instance). Without that proof (no InstanceNumber, gaps, the current ends of the stack) the
+  slice waits;
 - **at series completion**, the volume order of every frame received is final:
   :meth:`ContextBuffer.at_completion` lists every slice not yet run and every slice whose
   early neighbours differ from the final ones (an interleaved sender, a late slice between
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge.core.types import ModelId
-from edge.preprocess.context import context_positions
+from edge.preprocess.context import channel_sources, combine
 from edge.preprocess.volume import FrameGeometry, slice_order
 
 #: (SOP Instance UID, frame number): one frame of a series.
@@ -51,7 +53,7 @@ class ContextJob:
 
     key: FrameKey
     inputs: np.ndarray
-    sources: tuple[FrameKey, ...]
+    sources: Sources
     source_shape: tuple[int, int]
 
 
@@ -65,9 +67,8 @@ class _Entry:
 
 @dataclass
 class _Model:
-    k: int
     entries: dict[FrameKey, _Entry] = field(default_factory=dict)
-    ran: dict[FrameKey, tuple[FrameKey, ...]] = field(default_factory=dict)
+    ran: dict[FrameKey, Sources] = field(default_factory=dict)
 
 
 def _key(frame: FrameGeometry) -> FrameKey:
@@ -83,9 +84,10 @@ def _same_stack(a: _Entry, b: _Entry) -> bool:
     return float(diff.max()) <= _ORIENTATION_TOLERANCE
 
 
-def stacks(entries: dict[FrameKey, _Entry]) -> list[list[FrameKey]]:
+def stacks(entries: dict[FrameKey, _Entry]) -> list[tuple[list[FrameKey], list[float]]]:
     """The frames grouped into stacks (size + orientation), each in volume order
-    (:func:`edge.preprocess.volume.slice_order`)."""
+    (:func:`edge.preprocess.volume.slice_order`) with its distances along the normal in mm
+    (slices 1 mm apart where positions are missing, as the trainer takes them)."""
     groups: list[list[FrameKey]] = []
     for key, entry in entries.items():
         for group in groups:
@@ -96,43 +98,66 @@ def stacks(entries: dict[FrameKey, _Entry]) -> list[list[FrameKey]]:
             groups.append([key])
     out = []
     for group in groups:
-        order, _, _ = slice_order([entries[k].frame for k in group])
-        out.append([group[i] for i in order])
+        order, _, distances = slice_order([entries[k].frame for k in group])
+        out.append(([group[i] for i in order],
+                    distances or [float(i) for i in range(len(group))]))
     return out
 
 
-def _adjacent(a: FrameGeometry, b: FrameGeometry, apart: int) -> bool:
-    """Whether nothing can lie between ``a`` and ``b``, ``apart`` places apart in a stack."""
+def _adjacent(a: FrameGeometry, b: FrameGeometry) -> bool:
+    """Whether nothing can lie between ``a`` and ``b``, next to each other in a stack."""
     if a.sop_instance_uid == b.sop_instance_uid:
-        return abs(a.frame_number - b.frame_number) == apart
+        return abs(a.frame_number - b.frame_number) == 1
     if a.frame_number != 1 or b.frame_number != 1:
         return False
     if a.instance_number is None or b.instance_number is None:
         return False
-    return abs(a.instance_number - b.instance_number) == apart
+    return abs(a.instance_number - b.instance_number) == 1
 
 
-def _settled(stack: list[FrameKey], at: int, k: int, entries: dict[FrameKey, _Entry]) -> bool:
-    """Whether the slice at ``at`` of a partial stack has its true ``k`` neighbours on each
-    side already (see the module docstring)."""
-    if at - k < 0 or at + k >= len(stack):
+def _settled(stack: list[FrameKey], distances: list[float], at: int, k: int,
+             spacing_mm: float | None, entries: dict[FrameKey, _Entry]) -> bool:
+    """Whether the slice at ``at`` of a partial stack already has every source its input
+    needs, and no slice can still arrive among them (see the module docstring)."""
+    if any(entries[key].frame.position is None for key in stack):
         return False
-    frames = [entries[key].frame for key in stack[at - k:at + k + 1]]
-    if any(f.position is None or f.orientation is None for f in frames):
+    if spacing_mm is None:
+        if at - k < 0 or at + k >= len(stack):
+            return False
+        lo, hi = at - k, at + k
+    else:
+        reach = k * spacing_mm
+        if distances[at] - reach < distances[0] or distances[at] + reach > distances[-1]:
+            return False  # the stack may go on beyond the slices received so far
+        used = [p for ch in channel_sources(distances, at, k, spacing_mm) for p, _ in ch]
+        lo, hi = min(used), max(used)
+    frames = [entries[key].frame for key in stack[lo:hi + 1]]
+    if not all(_adjacent(a, b) for a, b in zip(frames, frames[1:], strict=False)):
         return False
-    centre = frames[k]
-    if not all(_adjacent(centre, f, abs(i - k)) for i, f in enumerate(frames) if i != k):
-        return False
-    _, _, distance = slice_order(frames)
-    steps = np.diff(np.asarray(distance))
+    steps = np.diff(np.asarray(distances[lo:hi + 1]))
+    if steps.size == 0:
+        return True
     median = float(np.median(steps))
     return median > 1e-3 and float(np.abs(steps - median).max()) <= _STEP_TOLERANCE * median
 
 
-def _channels(state: _Model, sources: Sequence[FrameKey]) -> np.ndarray:
-    """(1, 2k + 1, H, W) float32: the source slices in channel order (the positions of
-    :func:`edge.preprocess.context.context_positions`)."""
-    return np.stack([state.entries[s].value for s in sources]).astype(np.float32)[np.newaxis]
+#: A slice's input recipe: per channel, (source frame, weight) pairs.
+Sources = tuple[tuple[tuple[FrameKey, float], ...], ...]
+
+
+def _sources(stack: list[FrameKey], distances: list[float], at: int, k: int,
+             spacing_mm: float | None) -> Sources:
+    return tuple(tuple((stack[p], w) for p, w in channel)
+                 for channel in channel_sources(distances, at, k, spacing_mm))
+
+
+def _channels(state: _Model, sources: Sources) -> np.ndarray:
+    """(1, 2k + 1, H, W) float32 (:func:`edge.preprocess.context.combine`, as the trainer)."""
+    keys = list(dict.fromkeys(key for channel in sources for key, _ in channel))
+    planes = [state.entries[key].value for key in keys]
+    where = {key: n for n, key in enumerate(keys)}
+    return combine(planes, [tuple((where[key], w) for key, w in channel)
+                            for channel in sources])[np.newaxis]
 
 
 class ContextBuffer:
@@ -144,7 +169,8 @@ class ContextBuffer:
         self._models: dict[tuple[str, ModelId], _Model] = {}
 
     def add(self, series: str, model: ModelId, k: int, frame: FrameGeometry,
-            value: np.ndarray, source_shape: tuple[int, int]) -> list[ContextJob]:
+            value: np.ndarray, source_shape: tuple[int, int],
+            spacing_mm: float | None = None) -> list[ContextJob]:
         """Keep one frame's preprocessed (H, W) slice (its stored size ``source_shape``);
         return the slices (this one or its neighbours) that can run now, each claimed for the
         caller.
@@ -155,18 +181,23 @@ class ContextBuffer:
         if value.ndim != 2 or k < 1:
             raise ValueError(f"context: a 2D slice and k >= 1, got {value.shape} and {k}")
         with self._lock:
-            state = self._models.setdefault((series, model), _Model(k))
+            state = self._models.setdefault((series, model), _Model())
             key = _key(frame)
             state.entries[key] = _Entry(frame, (int(value.shape[0]), int(value.shape[1])),
                                         value, source_shape)
-            stack = next(s for s in stacks(state.entries) if key in s)
+            stack, distances = next(s for s in stacks(state.entries) if key in s[0])
             at = stack.index(key)
+            # the slices whose sources the new one may complete (k places, or k x spacing)
+            near = [i for i in range(len(stack)) if abs(i - at) <= k or (
+                spacing_mm is not None
+                and abs(distances[i] - distances[at]) <= k * spacing_mm + 1e-6)]
             jobs = []
-            for i in range(max(0, at - k), min(len(stack), at + k + 1)):
+            for i in near:
                 candidate = stack[i]
-                if candidate in state.ran or not _settled(stack, i, k, state.entries):
+                if candidate in state.ran or not _settled(stack, distances, i, k, spacing_mm,
+                                                          state.entries):
                     continue
-                sources = tuple(stack[p] for p in context_positions(i, len(stack), k))
+                sources = _sources(stack, distances, i, k, spacing_mm)
                 state.ran[candidate] = sources
                 jobs.append(ContextJob(candidate, _channels(state, sources), sources,
                                        state.entries[candidate].source_shape))
@@ -182,7 +213,8 @@ class ContextBuffer:
                       frames: Sequence[FrameGeometry],
                       source_shapes: Mapping[str, tuple[int, int]],
                       load: Callable[[FrameKey], np.ndarray | None],
-                      has_output: Callable[[FrameKey], bool]) -> list[ContextJob]:
+                      has_output: Callable[[FrameKey], bool],
+                      spacing_mm: float | None = None) -> list[ContextJob]:
         """The slices still to run once the series is complete: over ``frames`` (every frame
         of the series with a preprocessed slice, in memory or loadable with ``load``; an
         instance's stored (rows, columns) in ``source_shapes``), those never run, without an
@@ -195,7 +227,7 @@ class ContextBuffer:
         if k < 1:
             raise ValueError(f"context: k >= 1, got {k}")
         with self._lock:
-            state = self._models.setdefault((series, model), _Model(k))
+            state = self._models.setdefault((series, model), _Model())
             for frame in frames:
                 key = _key(frame)
                 if key not in state.entries and frame.sop_instance_uid in source_shapes:
@@ -206,9 +238,9 @@ class ContextBuffer:
                             value.astype(np.float32, copy=False),
                             source_shapes[frame.sop_instance_uid])
             jobs = []
-            for stack in stacks(state.entries):
+            for stack, distances in stacks(state.entries):
                 for i, key in enumerate(stack):
-                    sources = tuple(stack[p] for p in context_positions(i, len(stack), k))
+                    sources = _sources(stack, distances, i, k, spacing_mm)
                     if state.ran.get(key) == sources and has_output(key):
                         continue
                     state.ran[key] = sources
@@ -222,7 +254,8 @@ class ContextBuffer:
         with self._lock:
             state = self._models.get((series, model))
             sources = state.ran.get(key) if state is not None else None
-            if state is None or sources is None or any(s not in state.entries for s in sources):
+            if state is None or sources is None or any(
+                    s not in state.entries for channel in sources for s, _ in channel):
                 return None
             return _channels(state, sources)
 

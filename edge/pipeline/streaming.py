@@ -173,7 +173,7 @@ class InstanceProcessor:
                 where = geometry[index] if index < len(geometry) else FrameGeometry(uid, index + 1)
                 self._store.save(series, served.id, uid, index + 1, x[0, 0], kind="input")
                 jobs = self._context.add(series, served.id, spec.context_slices, where, x[0, 0],
-                                         shape)
+                                         shape, spec.context_spacing_mm)
                 self._run_context(series, served, jobs, priority)
                 continue
             self._run_one(series, served, uid, index + 1, x, shape, priority)
@@ -235,7 +235,8 @@ class InstanceProcessor:
         jobs = self._context.at_completion(
             series, model, k, frames, shapes,
             lambda key: self._store.load(series, model, key[0], key[1], kind="input"),
-            lambda key: self._store.path(series, model, key[0], key[1]).is_file())
+            lambda key: self._store.path(series, model, key[0], key[1]).is_file(),
+            sidecar.preprocess.context_spacing_mm)
         self._run_context(series, served, jobs, 0)
         return len(jobs)
 

@@ -46,6 +46,8 @@ class PreprocessSpec:
     ``context_slices`` (k) > 0 makes a 2.5D input: each slice is stacked with its k neighbours
     on each side along the slice normal, 2k + 1 channels, the slice itself in the middle and
     the outermost slice repeated at the ends (:mod:`edge.preprocess.context`). 0: one channel.
+    ``context_spacing_mm`` (with ``context_slices``): the neighbours are the volume at multiples
+    of this distance along the normal (linear between slices) instead of the next slices.
     """
 
     height: int
@@ -56,6 +58,7 @@ class PreprocessSpec:
     mean: float = 0.0
     std: float = 1.0
     context_slices: int = 0
+    context_spacing_mm: float | None = None
 
     @property
     def channels(self) -> int:
@@ -76,6 +79,14 @@ class PreprocessSpec:
                 or not 0 <= self.context_slices <= MAX_CONTEXT_SLICES:
             raise ConfigError(f"preprocess.context_slices: an integer from 0 to "
                               f"{MAX_CONTEXT_SLICES}, got {self.context_slices!r}")
+        spacing = self.context_spacing_mm
+        if spacing is not None and (isinstance(spacing, bool)
+                                    or not isinstance(spacing, (int, float))
+                                    or not 0 < spacing < 1000 or not self.context_slices):
+            raise ConfigError(f"preprocess.context_spacing_mm: a distance in mm > 0, with "
+                              f"context_slices > 0, got {spacing!r}")
+        if spacing is not None:
+            object.__setattr__(self, "context_spacing_mm", float(spacing))
         object.__setattr__(self, "resize", ResizeMode(self.resize))
 
     def to_dict(self) -> dict[str, Any]:

@@ -137,3 +137,31 @@ def test_evidence_map_stride_and_onnx_signature(head_stride: int, side: int,
 def test_head_stride_must_be_a_stage_stride() -> None:
     with pytest.raises(ValueError, match="head_stride"):
         build_model(ModelSpec("classify", 2, widths=(8, 16), head_stride=16))
+
+
+def test_lung_gate_lowers_the_evidence_outside_the_lung(tmp_path: Path) -> None:
+    from trainer.cam import ClassifierWithCam
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("classify", 2, widths=(8, 16, 32), head_stride=4,
+                                  in_channels=3, lung_gate=True))
+    x = torch.randn(2, 3, 64, 64)
+    logits, evidence, lung = model.train()(x)
+    assert logits.shape == (2, 2) and evidence.shape == lung.shape == (2, 1, 16, 16)
+    mask = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    mask[:, 8:40, 8:40] = 1
+    mask[0, 20:24, 20:24] = 2
+    loss = ClassifyHooks().loss((logits, evidence, lung), torch.tensor([1, 0]), mask)
+    assert torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad():
+        gated = model.dense(x)
+        raw, lung = model.maps(x)
+        assert bool((gated <= raw).all())  # the gate only ever lowers the evidence
+        np.testing.assert_allclose(model(x)[:, 1].numpy(), gated.amax(dim=(2, 3))[:, 0].numpy())
+        assert ClassifierWithCam(model)(x)[1].shape == (2, 1, 64, 64)
+    files = export_onnx(model, x.numpy(), tmp_path)
+    sess = ort.InferenceSession(str(files["model.onnx"]), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(["logits"], {"image": x.numpy()})[0],
+                                   model(x).numpy(), atol=1e-4)

@@ -180,21 +180,24 @@ def test_coco_boxes_validate(synth: Path, tmp_path: Path) -> None:
         load_coco(tmp_path / "broken.json")
 
 
-def test_context_stacks_neighbours_in_volume_order_like_serving(synth: Path) -> None:
+@pytest.mark.parametrize("spacing_mm", [None, 2.3])
+def test_context_stacks_neighbours_in_volume_order_like_serving(synth: Path,
+                                                               spacing_mm: float | None) -> None:
     data = load_synthetic(synth, SPEC, progress=False)
     assert data.geometry is not None and np.isfinite(data.geometry).all()
     # shuffle the loaded order: the stacking must follow positions, not file order
     perm = np.random.default_rng(0).permutation(len(data))
     shuffled = data.select(perm)
-    stacked = shuffled.with_context(1)
+    stacked = shuffled.with_context(1, spacing_mm)
     assert stacked.images.shape == (len(data), 3, 32, 32) and stacked.context_slices == 1
     study = _manifest(synth)["studies"][0]
     paths = [synth / study["ct"]["dir"] / f for f in study["ct"]["files"]]
     datasets = [pydicom.dcmread(p) for p in paths]
     frames = [frame_geometries(ds)[0] for ds in datasets]
-    order, _, _ = slice_order(frames)
+    order, _, distances = slice_order(frames)
     offline = stack_context([preprocess_image(decode(datasets[i]).frames[0],
-                                              decode(datasets[i]).meta, SPEC) for i in order], 1)
+                                              decode(datasets[i]).meta, SPEC) for i in order], 1,
+                            distances=distances, spacing_mm=spacing_mm)
     for row, i in enumerate(order):
         rel = f"{study['ct']['dir']}/{study['ct']['files'][i]}"
         at = int(np.flatnonzero(stacked.sources == rel)[0])

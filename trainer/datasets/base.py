@@ -90,33 +90,36 @@ class SliceSet:
             nodule_mm=None if self.nodule_mm is None else self.nodule_mm[keep],
             geometry=None if self.geometry is None else self.geometry[keep])
 
-    def volume_order(self) -> np.ndarray:
-        """Indices of every slice, grouped by ``groups`` (first appearance), each group in
-        volume order: :func:`edge.preprocess.volume.slice_order` on the recorded geometry
-        (the runtime's order), or the loaded order where a group lacks positions."""
-        out: list[int] = []
+    def volume_order(self) -> list[tuple[np.ndarray, list[float]]]:
+        """Per group (in order of first appearance): the indices of its slices in volume
+        order (:func:`edge.preprocess.volume.slice_order` on the recorded geometry, the
+        runtime's order) and their distances along the normal in mm; where a group lacks
+        positions, the loaded order with the slices taken as 1 mm apart."""
         seen: dict[object, list[int]] = {}
         for i, g in enumerate(self.groups):
             seen.setdefault(g, []).append(i)
+        out = []
         for rows in seen.values():
-            out.extend(rows[j] for j in self._group_order(rows))
-        return np.asarray(out, np.int64)
+            order, distances = self._group_order(rows)
+            out.append((np.asarray([rows[j] for j in order], np.int64), distances))
+        return out
 
-    def _group_order(self, rows: list[int]) -> list[int]:
+    def _group_order(self, rows: list[int]) -> tuple[list[int], list[float]]:
         if self.geometry is None or not np.isfinite(self.geometry[rows]).all():
-            return list(range(len(rows)))
+            return list(range(len(rows))), [float(i) for i in range(len(rows))]
         frames = []
         for n, i in enumerate(rows):
             x, y, z = (float(v) for v in self.geometry[i, :3])
             frames.append(FrameGeometry(
                 sop_instance_uid=str(self.sources[i]), instance_number=n, position=(x, y, z),
                 orientation=tuple(float(v) for v in self.geometry[i, 3:])))
-        order, _, _ = slice_order(frames)
-        return order
+        order, _, distances = slice_order(frames)
+        return order, distances
 
-    def with_context(self, k: int) -> SliceSet:
-        """The same slices as 2.5D inputs: each slice's image stacked with its ``k`` neighbours
-        on each side within its group, in volume order, edge slices replicated
+    def with_context(self, k: int, spacing_mm: float | None = None) -> SliceSet:
+        """The same slices as 2.5D inputs: each slice's image stacked with its ``k``
+        neighbours on each side within its group, in volume order, edge slices replicated;
+        with ``spacing_mm``, the group's volume at multiples of that distance along the normal
         (:func:`edge.preprocess.context.stack_context`, as serving stacks them). ``images``
         becomes (N, 2k + 1, H, W); labels and masks stay those of the centre slice. Call it on
         the whole loaded set, before slices are dropped, so neighbours are the real ones.
@@ -128,17 +131,10 @@ class SliceSet:
             raise ValueError(f"with_context({k}) on a set with context {self.context_slices}")
         if k == 0 or len(self) == 0:
             return self
-        order = self.volume_order()
         images = np.empty((len(self), 2 * k + 1, *self.images.shape[2:]), np.float32)
-        groups = self.groups[order]
-        start = 0
-        while start < len(order):
-            end = start
-            while end < len(order) and groups[end] == groups[start]:
-                end += 1
-            rows = order[start:end]
-            images[rows] = stack_context(self.images[rows], k)
-            start = end
+        for rows, distances in self.volume_order():
+            images[rows] = stack_context(self.images[rows], k, distances=distances,
+                                         spacing_mm=spacing_mm)
         return replace(self, images=images, context_slices=k)
     def has_masks(self) -> bool:
         return self.masks is not None

@@ -94,3 +94,19 @@ def test_completion_reloads_slices_a_restart_lost() -> None:
     assert len(jobs) == 3
     np.testing.assert_array_equal(jobs[1].inputs[0, :, 0, 0], [1.0, 2.0, 3.0])
     assert jobs[1].source_shape == (8, 8)
+
+
+def test_mm_context_waits_until_the_points_it_needs_are_covered() -> None:
+    buffer = ContextBuffer()
+    frames = [frame(n, 1.0 * n) for n in range(1, 12)]  # 1 mm apart
+    ran: list[str] = []
+    for f in frames:  # in order; k = 1 at 3 mm: slice n needs n - 3 .. n + 3
+        ran += [j.key[0] for j in buffer.add("s", MODEL, 1, f, value(f.position[2]), (8, 8),
+                                             3.0)]
+    assert ran == [f.sop_instance_uid for f in frames[3:8]]  # slices 4 .. 8
+    job = buffer.at_completion("s", MODEL, 1, frames, {}, lambda key: None, lambda key: True,
+                               3.0)
+    assert [j.key[0] for j in job] == [f.sop_instance_uid for f in frames[:3] + frames[8:]]
+    np.testing.assert_array_equal(job[0].inputs[0, :, 0, 0], [1.0, 1.0, 4.0])
+    np.testing.assert_array_equal(buffer.input_for("s", MODEL, (frames[5].sop_instance_uid, 1))
+                                  [0, :, 0, 0], [3.0, 6.0, 9.0])

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from edge.core.errors import ConfigError
-from edge.preprocess.context import context_positions, context_table, stack_context
+from edge.preprocess.context import (
+    channel_sources,
+    context_positions,
+    context_table,
+    stack_context,
+)
 from edge.preprocess.imaging import PreprocessSpec
 
 
@@ -43,3 +48,27 @@ def test_spec_stores_and_validates_context_slices() -> None:
     for bad in (-1, 1.5, "2", True, 99):
         with pytest.raises(ConfigError, match="context_slices"):
             PreprocessSpec.from_dict({"height": 8, "width": 8, "context_slices": bad})
+
+
+def test_mm_spacing_interpolates_between_slices_and_clamps_at_the_ends() -> None:
+    z = [0.0, 2.0, 4.0, 6.0, 8.0]
+    sources = channel_sources(z, 2, 2, spacing_mm=3.0)  # targets -2, 1, 4, 7, 10 mm
+    assert sources == (((0, 1.0),), ((0, 0.5), (1, 0.5)), ((2, 1.0),),
+                       ((3, 0.5), (4, 0.5)), ((4, 1.0),))
+    slices = [np.full((2, 2), v, np.float32) for v in (0.0, 2.0, 4.0, 6.0, 8.0)]
+    out = stack_context(slices, 2, indices=[2], distances=z, spacing_mm=3.0)
+    np.testing.assert_allclose(out[0, :, 0, 0], [0.0, 1.0, 4.0, 7.0, 8.0])
+    exact = stack_context(slices, 1, distances=z, spacing_mm=2.0)  # on the slices: no blend
+    np.testing.assert_array_equal(exact, stack_context(slices, 1))
+
+
+def test_spec_validates_context_spacing() -> None:
+    spec = PreprocessSpec(height=8, width=8, context_slices=2, context_spacing_mm=4)
+    assert spec.context_spacing_mm == 4.0
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    for bad in (0, -1.0, "4", True):
+        with pytest.raises(ConfigError, match="context_spacing_mm"):
+            PreprocessSpec.from_dict({"height": 8, "width": 8, "context_slices": 1,
+                                      "context_spacing_mm": bad})
+    with pytest.raises(ConfigError, match="context_spacing_mm"):
+        PreprocessSpec(height=8, width=8, context_spacing_mm=4.0)  # without context_slices
