@@ -51,7 +51,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -104,6 +104,8 @@ class _EventDrivenDUL(DULServiceProvider):
         self._work = work
         self._wake_lock = threading.Lock()
         self._wake_r = self._wake_w = -1  # the pipe lives while run_reactor runs
+        self._send_lock = threading.Lock()  # held while the reactor waits or sends
+        self._waiting = False  # in select(): nothing being read, sent or queued
 
     def _open_pipe(self) -> None:
         read, write = os.pipe()
@@ -125,6 +127,24 @@ class _EventDrivenDUL(DULServiceProvider):
                 if fd >= 0:
                     os.close(fd)
             self._wake_r = self._wake_w = -1
+
+    def _send(self, pdu: Any) -> None:
+        with self._send_lock:
+            super()._send(pdu)
+
+    def send_now(self, pdu: P_DATA_TF) -> bool:
+        """Send ``pdu`` from the calling thread if the reactor is idle in an established
+        association (Sta6, where sending P-DATA is DT-1 and changes no state; PS3.8 9.2) and
+        nothing is queued before it; False (nothing sent) otherwise. Saves a hand-over to the
+        reactor thread on every C-STORE response."""
+        with self._send_lock:
+            sock = self.socket.socket if self.socket is not None else None
+            if (not self._waiting or sock is None or self.to_provider_queue.qsize()
+                    or self.state_machine.current_state != "Sta6"):
+                return False
+            with contextlib.suppress(OSError):  # gone: the reactor sees it when it reads
+                sock.sendall(pdu.encode())
+            return True
 
     def send_pdu(self, primitive: Any) -> None:
         """Queue ``primitive`` for the peer and wake the reactor to send it."""
@@ -151,10 +171,15 @@ class _EventDrivenDUL(DULServiceProvider):
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted bytes already buffered: select would not see them
+        with self._send_lock:
+            self._waiting = True
         try:
             readable, _, _ = select.select([sock.fileno(), self._wake_r], [], [], IDLE_WAIT_S)
         except (OSError, ValueError):  # closed meanwhile: the transport check notices
             return
+        finally:
+            with self._send_lock:
+                self._waiting = False
         if self._wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)
@@ -244,7 +269,18 @@ class _EventDrivenDIMSE(DIMSEServiceProvider):
             return
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # last
-        self.dul.send_pdu(pdata)  # command fragment (PS3.8 E.2)
+        dul = self.dul  # command fragment (PS3.8 E.2)
+        if isinstance(dul, _EventDrivenDUL) and not self._observed():
+            pdu = P_DATA_TF()
+            pdu.from_primitive(pdata)
+            if dul.send_now(pdu):
+                return
+        dul.send_pdu(pdata)
+
+    def _observed(self) -> bool:
+        """Whether a handler watches sent PDUs (they are only announced by the reactor)."""
+        return bool(self.assoc.get_handlers(evt.EVT_PDU_SENT)
+                    or self.assoc.get_handlers(evt.EVT_DATA_SENT))
 
 
 class _EventDrivenRequestHandler(RequestHandler):
