@@ -46,10 +46,12 @@ log = logging.getLogger(__name__)
 PATCH = (32, 64, 64)  # slices, rows, columns
 LABELS = ("background", "lung", "nodule")
 LUNG, NODULE = 1, 2
-DEFAULTS: dict[str, Any] = {"epochs": 4, "samples": 96, "batch": 4, "lr": 3e-3, "size": 128,
+DEFAULTS: dict[str, Any] = {"epochs": 12, "samples": 96, "batch": 4, "lr": 3e-3, "size": 128,
                             "widths": (8, 16, 32)}
 #: Share of training patches centred on a nodule voxel, on a lung voxel; the rest anywhere.
 NODULE_SHARE, LUNG_SHARE = 1 / 3, 1 / 3
+#: Loss weight per class (background, lung, nodule), for the cross-entropy and the Dice terms.
+CLASS_WEIGHTS = (1.0, 1.0, 3.0)
 
 
 def build_unet3d(widths: Sequence[int] = DEFAULTS["widths"]) -> torch.nn.Module:
@@ -182,7 +184,8 @@ def run_segment3d(args: argparse.Namespace) -> int:
         if not train or not held:
             raise DataError(f"{args.data}: need train and test (or val) studies")
         model = build_unet3d(cfg["widths"])
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True,
+                             weight=torch.tensor(CLASS_WEIGHTS))
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
         started, history = time.monotonic(), []
         for epoch in range(1, cfg["epochs"] + 1):
