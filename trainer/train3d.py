@@ -1,12 +1,13 @@
-"""``mededge train segment3d``: a small 3D U-Net (MONAI ``UNet(spatial_dims=3)``) for lung
-segmentation on synthetic volumes, trained on patches, served with a 3D sliding window.
+"""``mededge train segment3d``: a small 3D U-Net (MONAI ``UNet(spatial_dims=3)``) for lung and
+nodule segmentation on synthetic volumes, trained on patches, served with a 3D sliding window.
 
 Volumes: every CT slice decoded and windowed with ``edge.preprocess`` (as serving does), resized
 in plane to ``--size`` (default 128: a quarter of the demo's 512, about 2.6 mm pixels); slices
 are kept (2.5 mm). Patches of 32 slices x 64 x 64 (``PATCH``, ``--patch``): a third centred on
 a nodule voxel (where the volume has one), a third on a lung voxel, a third anywhere.
 Labels (``LABELS``): background, lung, nodule (a resized nodule pixel is nodule where at least
-a quarter of it was, so small nodules survive the resize). Dice + CE, AdamW.
+a quarter of it was, so small nodules survive the resize). Dice + CE, the Dice pooled over
+the batch, class weights :data:`CLASS_WEIGHTS`; AdamW; docs/detection.md has the measurements.
 Evaluation: global (dataset-level) Dice and IoU per class on the held-out volumes
 (:func:`trainer.metrics.overlap_counts` summed over volumes), inferred exactly as the pipeline
 does (:func:`edge.postprocess.sliding_window.sliding_window_inference`, 25 % overlap,
