@@ -41,7 +41,9 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     study = next(s for s in json.loads((out / "manifest.json").read_text())["studies"]
                  if s["nodules"])
     ct = study["ct"]
-    affine = nib.load(str(out / ct["nodule_mask"])).affine  # (column, row, slice) -> RAS mm
+    mask = nib.load(str(out / ct["nodule_mask"]))
+    assert isinstance(mask, nib.Nifti1Image)
+    affine = mask.affine  # (column, row, slice) -> RAS mm
     return study, [pydicom.dcmread(out / ct["dir"] / f, stop_before_pixels=True)
                    for f in ct["files"]], affine
 
@@ -55,7 +57,8 @@ def detect_truth(manifest: dict[str, Any], headers: list[pydicom.Dataset]) -> Se
     slices = [SliceDetection(str(h.SOPInstanceUID), tuple(b)) for h, b in zip(headers, per_slice,
                                                                               strict=True)]
     ct = manifest["ct"]
-    spacing = VoxelSpacing(*ct["pixel_spacing"], ct["slice_spacing"])
+    spacing = VoxelSpacing(row_mm=ct["pixel_spacing"][0], column_mm=ct["pixel_spacing"][1],
+                           slice_mm=ct["slice_spacing"])
     frames = [f for h in headers for f in frame_geometries(h)]
     detection = detect_series(MODEL, ("nodule",), slices, spacing, frames)
     assert detection.candidates
@@ -72,15 +75,21 @@ def write_checked(report: hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR, path:
             if ln.startswith("Error")] == []
 
 
-def ellipsoids(path: Path) -> list[tuple[str, np.ndarray, str]]:
+def report_of(path: Path) -> hd.sr.MeasurementReport:
+    content = hd.sr.srread(path).content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
+
+
+def ellipsoids(path: Path) -> list[tuple[str, np.ndarray[Any, Any], str]]:
     """(tracking UID, the six points, frame of reference UID) of each volumetric group."""
     out = []
-    for group in hd.sr.srread(path).content.get_volumetric_roi_measurement_groups():
+    for group in report_of(path).get_volumetric_roi_measurement_groups():
         surface = group.roi
         assert isinstance(surface, hd.sr.VolumeSurface)
         assert surface.graphic_type == hd.sr.GraphicTypeValues3D.ELLIPSOID
         points = surface.graphic_data  # one (6, 3) array for an ellipsoid
-        out.append((group.tracking_uid, np.asarray(points, np.float64).reshape(6, 3),
+        out.append((str(group.tracking_uid), np.asarray(points, np.float64).reshape(6, 3),
                     str(surface.frame_of_reference_uid)))
     return out
 
@@ -90,12 +99,13 @@ def test_nodule_groups_land_on_the_nodules(study: Study, tmp_path: Path) -> None
     detection = detect_truth(manifest, headers)
     path = tmp_path / "sr.dcm"
     write_checked(build_report(headers, ALGO, detection=detection), path)
-    groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    groups = report_of(path).get_planar_roi_measurement_groups()
     assert len(groups) == len(detection.candidates)
     index_of = {str(h.SOPInstanceUID): i for i, h in enumerate(headers)}
     truths = manifest["nodules"]
     for group, candidate in zip(groups, detection.candidates, strict=True):
         region = group.roi
+        assert isinstance(region, hd.sr.ImageRegion)  # the SCOORD, not a SCOORD3D
         points = region.value[:4]  # closed polyline: the 4 corners, then the first again
         col, row = points.mean(axis=0) - 0.5  # continuous -> voxel index
         uid = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
@@ -108,6 +118,7 @@ def test_nodule_groups_land_on_the_nodules(study: Study, tmp_path: Path) -> None
         values = {m.name.meaning: m.value for m in group.get_measurements()}
         assert values["Long axis"] == pytest.approx(candidate.diameter_mm, abs=0.01)
         assert values["Probability"] == pytest.approx(0.9)
+        assert group.finding_type is not None
         assert group.finding_type.value == "27925004"  # Nodule
 
 
@@ -118,7 +129,7 @@ def test_ellipsoids_land_on_the_nodule_centres_in_patient_space(study: Study,
     path = tmp_path / "sr.dcm"
     write_checked(build_report(headers, ALGO, detection=detection), path)
     assert pydicom.dcmread(path).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comp. 3D SR
-    planar = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    planar = report_of(path).get_planar_roi_measurement_groups()
     found = ellipsoids(path)
     assert [uid for uid, _, _ in found] == [g.tracking_uid for g in planar]
     ct = manifest["ct"]
@@ -137,7 +148,7 @@ def test_ellipsoids_land_on_the_nodule_centres_in_patient_space(study: Study,
         half = np.linalg.norm(points[1::2] - points[::2], axis=1) / 2  # x, y, z semi-axes
         semi = np.asarray(nodule["semi_axes_mm"])  # (x, y, z)
         assert np.all(np.abs(half[:2] - semi[:2]) <= 1.5 * pixel), (half, semi)
-        if 0 < nodule["slice_range"][0] and nodule["slice_range"][1] < len(headers) - 1:
+        if nodule["slice_range"][0] > 0 and nodule["slice_range"][1] < len(headers) - 1:
             # along z only where the stack holds the whole nodule (a cut one's visible part is
             # centred elsewhere)
             whole += 1
