@@ -142,8 +142,13 @@ class _EventDrivenDUL(DULServiceProvider):
             if (not self._waiting or sock is None or self.to_provider_queue.qsize()
                     or self.state_machine.current_state != "Sta6"):
                 return False
-            with contextlib.suppress(OSError):  # gone: the reactor sees it when it reads
+            try:
+                _, writable, _ = select.select([], [sock.fileno()], [], 0)
+                if not writable:  # a full send buffer would block here, holding the lock
+                    return False
                 sock.sendall(pdu.encode())
+            except (OSError, ValueError):  # gone: the reactor sees it when it reads
+                pass
             return True
 
     def send_pdu(self, primitive: Any) -> None:
