@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 from edge.core.errors import DataError, MededgeError
@@ -121,7 +120,7 @@ def prepare_data(args: argparse.Namespace, spec: PreprocessSpec) -> SliceSet:
             column = "nodule_present"
     # Slices are loaded (and cached) one channel each, then stacked with their neighbours on
     # the whole set, before any slice is dropped, so each slice gets its real neighbours.
-    data = load_data(args.data, replace(spec, context_slices=0), labels=labels_for(args.task),
+    data = load_data(args.data, spec.single_slice(), labels=labels_for(args.task),
                      labels_csv=args.labels_csv, label_column=column,
                      use_cache=not args.no_cache, progress=not args.no_progress)
     data.summary.log(str(args.data))

@@ -69,7 +69,7 @@ def load_detection_data(args: argparse.Namespace, spec: PreprocessSpec
     """
     from trainer.datasets import load_data
 
-    data = load_data(args.data, replace(spec, context_slices=0), labels=("no_nodule", "nodule"),
+    data = load_data(args.data, spec.single_slice(), labels=("no_nodule", "nodule"),
                      labels_csv=args.labels_csv, use_cache=not args.no_cache,
                      progress=not args.no_progress)
     data.summary.log(str(args.data))

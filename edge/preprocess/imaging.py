@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import cv2
@@ -88,6 +88,11 @@ class PreprocessSpec:
         if spacing is not None:
             object.__setattr__(self, "context_spacing_mm", float(spacing))
         object.__setattr__(self, "resize", ResizeMode(self.resize))
+
+    def single_slice(self) -> PreprocessSpec:
+        """The same recipe for one slice alone (no context): what each channel of a 2.5D
+        input is made with."""
+        return replace(self, context_slices=0, context_spacing_mm=None)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -205,3 +205,19 @@ def test_context_stacks_neighbours_in_volume_order_like_serving(synth: Path,
         np.testing.assert_array_equal(stacked.images[at, 1], shuffled.images[at, 0])
     with pytest.raises(ValueError):
         stacked.with_context(1)
+
+
+def test_prepare_data_stacks_a_mm_context(synth: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from trainer.command import add_arguments, prepare_data
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["classify", "--data", str(synth), "--repo", str(tmp_path),
+                              "--model", "m", "--no-progress"])
+    spec = PreprocessSpec(height=32, width=32, window_center=-600, window_width=1500,
+                          context_slices=2, context_spacing_mm=4.0)
+    data = prepare_data(args, spec)
+    assert data.images.shape[1:] == (5, 32, 32) and data.context_slices == 2
+    assert spec.single_slice() == SPEC
