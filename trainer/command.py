@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lung-gate", action=argparse.BooleanOptionalAction,
                         default=CLASSIFY_LUNG_GATE,
                         help="classify: a lung head gates the nodule evidence (needs masks)")
+    parser.add_argument("--lung-windows", type=float, default=None,
+                        help="detect: share of the windows not centred on a box that are "
+                             "centred on a lung pixel (hard negatives; default per task)")
     parser.add_argument("--threshold", type=float,
                         help="classification threshold (default: Youden's J on validation)")
     parser.add_argument("--seed", type=int, default=0)

@@ -164,12 +164,15 @@ def flip_batch(images: np.ndarray, boxes: Sequence[np.ndarray], rng: np.random.G
 
 
 def crop_batch(images: np.ndarray, boxes: Sequence[np.ndarray], size: int,
-               rng: np.random.Generator, stride: int = 4, focus: float = 0.7
+               rng: np.random.Generator, stride: int = 4, focus: float = 0.7,
+               lung: np.ndarray | None = None, lung_share: float = 0.0
                ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Random ``size`` x ``size`` windows (origins on the stride grid) of images (N, 1, H, W)
     and their boxes, shifted; a box stays when its centre lies inside the window (clipped to
     it). With probability ``focus`` a slice with boxes gets a window around one of them. The
-    detector is fully convolutional: training on windows costs (size / H)^2 of whole slices."""
+    detector is fully convolutional: training on windows costs (size / H)^2 of whole slices.
+    ``lung`` (N, H, W) bool with ``lung_share`` > 0: that share of the other windows is
+    centred on a random lung pixel (vessels in cross-section, hila: the hard negatives)."""
     height, width = images.shape[-2:]
     if size >= min(height, width):
         return images, list(boxes)
@@ -181,6 +184,12 @@ def crop_batch(images: np.ndarray, boxes: Sequence[np.ndarray], size: int,
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             left = int(np.clip(cx - rng.uniform(0.15, 0.85) * size, 0, width - size))
             top = int(np.clip(cy - rng.uniform(0.15, 0.85) * size, 0, height - size))
+        elif lung is not None and lung_share > 0 and rng.random() < lung_share \
+                and lung[i].any():
+            ys, xs = np.nonzero(lung[i])
+            k = int(rng.integers(len(ys)))
+            left = int(np.clip(xs[k] - size // 2, 0, width - size))
+            top = int(np.clip(ys[k] - size // 2, 0, height - size))
         else:
             left = int(rng.integers(0, width - size + 1))
             top = int(rng.integers(0, height - size + 1))

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 DEFAULTS = (30, 1024, 16, 3e-3, 256, "16,32,64")
 #: Training window (px of the model input): whole slices cost 4x as much at 256.
 CROP = 128
+#: Share of the windows not centred on a box that are centred on a lung pixel instead of
+#: anywhere (--lung-windows; needs lung masks).
+LUNG_WINDOWS = 0.0
 LABELS = ("nodule",)
 #: Neighbouring slices stacked on each side (PreprocessSpec.context_slices); --context-slices.
 CONTEXT, CONTEXT_MM = 0, None
@@ -87,7 +90,7 @@ def load_detection_data(args: argparse.Namespace, spec: PreprocessSpec
 def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSet,
                    coco: Path, spec: PreprocessSpec, decode: DecodeSpec, *, epochs: int,
                    samples: int, batch: int, lr: float, seed: int, work_dir: Path,
-                   progress: bool = False, crop: int = CROP
+                   progress: bool = False, crop: int = CROP, lung_windows: float = 0.0
                    ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Train; returns the best state (by validation mAP@0.5) and the per-epoch history."""
     rng = np.random.default_rng(seed)
@@ -102,6 +105,8 @@ def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSe
                        0.5 / max((~positive).sum(), 1))
     weights /= weights.sum()
     images = train.slices.images
+    masks = train.slices.masks
+    lung = None if masks is None or lung_windows <= 0 else (masks == 1) | (masks == 2)
     h, w = min(crop, images.shape[-2]), min(crop, images.shape[-1])
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {}
@@ -114,7 +119,8 @@ def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSe
         for start in range(0, samples, batch):
             idx = order[start:start + batch]
             x, boxes = crop_batch(images[idx], [train.boxes[i] for i in idx], crop, rng,
-                                  decode.stride)
+                                  decode.stride, lung=None if lung is None else lung[idx],
+                                  lung_share=lung_windows)
             x, boxes = flip_batch(x, boxes, rng)
             gain = rng.uniform(0.95, 1.05, (len(idx), 1, 1, 1))
             x = (x * gain + rng.uniform(-0.05, 0.05, (len(idx), 1, 1, 1))).astype(np.float32)
@@ -183,7 +189,9 @@ def run_detect(args: argparse.Namespace) -> int:
             model, train, val, coco, spec, decode, epochs=args.epochs or epochs,
             samples=args.samples_per_epoch or samples, batch=args.batch_size or batch,
             lr=args.lr or lr, seed=args.seed, work_dir=work_dir,
-            progress=not args.no_progress)
+            progress=not args.no_progress,
+            lung_windows=LUNG_WINDOWS if getattr(args, "lung_windows", None) is None
+            else args.lung_windows)
         seconds = time.monotonic() - started
         model.load_state_dict(best["state_dict"])
         model.eval()

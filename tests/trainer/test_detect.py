@@ -17,7 +17,7 @@ from edge.postprocess.detection import DecodeSpec, decode_heads, detect_slices
 from edge.repository.model_config import read_model_config
 from edge.repository.sidecar import read_sidecar
 from trainer.datasets import load_synthetic
-from trainer.detect import draw_targets, focal_loss
+from trainer.detect import crop_batch, draw_targets, focal_loss
 from trainer.models_detect import DetectorSpec, build_detector
 
 
@@ -89,3 +89,18 @@ def test_train_detect_publishes_raw_heads(synth: Path, tmp_path: Path) -> None:
     assert len(found) == 4 and all(len(s.boxes) <= spec.top_k for s in found)
     report = json.loads((repo.parent / "runs" / "det" / "report" / "metrics.json").read_text())
     assert report["evaluated_on"] in ("test", "val") and "history" in report
+
+
+def test_windows_off_the_boxes_can_be_centred_on_the_lung() -> None:
+    rng = np.random.default_rng(0)
+    images = np.zeros((64, 1, 64, 64), np.float32)
+    lung = np.zeros((64, 64, 64), bool)
+    lung[:, 40:48, 40:48] = True
+    out, boxes = crop_batch(images, [np.zeros((0, 4), np.float32)] * 64, 16, rng, 4,
+                            lung=lung, lung_share=1.0)
+    assert out.shape == (64, 1, 16, 16) and all(len(b) == 0 for b in boxes)
+    marked = images.copy()
+    marked[:, :, 40:48, 40:48] = 1.0
+    out, _ = crop_batch(marked, [np.zeros((0, 4), np.float32)] * 64, 16,
+                        np.random.default_rng(0), 4, lung=lung, lung_share=1.0)
+    assert (out.reshape(64, -1).max(axis=1) == 1.0).all()  # every window holds lung
