@@ -66,7 +66,10 @@ def _send_until_killed(port: int, receiver: subprocess.Popen[str]) -> dict[str, 
         if not assoc.is_established:
             break
         ds = _dataset(study, series, number)
-        status = assoc.send_c_store(ds)
+        try:
+            status = assoc.send_c_store(ds)
+        except RuntimeError:  # the kill landed between the check above and this request
+            break
         if status and status.Status == 0x0000:
             acknowledged[str(ds.SOPInstanceUID)] = ds.PixelData
     killer.join()
