@@ -19,6 +19,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
+from edge.dispatch.responses import install
 from edge.ingest.spool import Spool
 from edge.jobs.ledger import Ledger
 from edge.jobs.reconcile import reconcile
@@ -62,6 +63,7 @@ def _send_until_killed(port: int, receiver: subprocess.Popen[str]) -> dict[str, 
     acknowledged: dict[str, bytes] = {}
     assoc = ae.associate("127.0.0.1", port, ae_title="MEDEDGE")
     assert assoc.is_established
+    install(assoc)  # a kill during a request ends its wait at once, not after the DIMSE timeout
     for number in range(1, 100_000):
         if not assoc.is_established:
             break
