@@ -54,7 +54,8 @@ class DeliveryWorker:
                  max_batch: int = 64, max_destinations: int = 16,
                  on_outcome: Callable[[DeliveryUpdate], None] | None = None) -> None:
         """``sender`` is shared by the lanes (it is safe from several threads); ``on_outcome``
-        is called after each recorded attempt (metrics); it must not raise.
+        is called after each recorded attempt (metrics), from the lanes' threads, so it must
+        be thread-safe; it should not raise (an exception is logged and ignored).
 
         Raises:
             ValueError: ``max_batch`` or ``max_destinations`` is below 1.
