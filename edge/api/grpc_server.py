@@ -20,7 +20,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edge.api.auth import AuthInterceptor, TokenStore
 from edge.api.errors import ErrorInterceptor
-from edge.api.infer_wire import parse_infer_request, serialize_infer_response
+from edge.api.infer_wire import (
+    parse_infer_request,
+    serialize_infer_response,
+    serialize_stream_response,
+)
 from edge.api.inference_service import InferenceServicer
 from edge.api.jobs_service import SERVICE_NAME as JOBS_SERVICE_NAME
 from edge.api.jobs_service import JobsServicer, add_to_server
@@ -41,7 +45,8 @@ _HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
 def inference_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
     """The KServe v2 methods, each with protobuf (de)serializers from its descriptor, except
     that ModelInfer and ModelStreamInfer read requests with :func:`parse_infer_request` and
-    ModelInfer writes its answer with :func:`serialize_infer_response` (no tensor copies)."""
+    write answers with :func:`serialize_infer_response` / :func:`serialize_stream_response`
+    (no tensor copies)."""
     service = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
@@ -53,6 +58,8 @@ def inference_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodH
             deserialize = parse_infer_request
         if method.name == "ModelInfer":
             serialize = serialize_infer_response
+        if method.name == "ModelStreamInfer":
+            serialize = serialize_stream_response
         make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(getattr(servicer, method.name),
                                      request_deserializer=deserialize,

@@ -8,7 +8,8 @@ wire format, https://protobuf.dev/programming-guides/encoding/), keeps each raw 
 ``memoryview`` into the received bytes, and lets protobuf parse the rest (names, shapes,
 parameters: a few hundred bytes). :func:`serialize_infer_response` is the mirror image for the
 answer: the message without raw outputs, serialised by protobuf, followed by each output's
-field header and its array's own buffer, joined in one copy.
+field header and its array's own buffer, joined in one copy; :func:`serialize_stream_response`
+wraps the same pieces as ModelStreamInfer's ``infer_response``.
 
 Both rely on a protobuf rule: concatenated encodings of a message merge, and repeated fields keep
 their order, so splitting field 7 (``raw_input_contents``) out of a request, or appending field 6
@@ -27,8 +28,10 @@ from edge.protos import inference_pb2
 #: Field numbers in proto/inference.proto.
 RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
 RAW_OUTPUT_FIELD = 6  # ModelInferResponse.raw_output_contents
+STREAM_ANSWER_FIELD = 2  # ModelStreamInferResponse.infer_response
 _LENGTH_DELIMITED = 2
 _RAW_OUTPUT_TAG = bytes([(RAW_OUTPUT_FIELD << 3) | _LENGTH_DELIMITED])
+_STREAM_ANSWER_TAG = bytes([(STREAM_ANSWER_FIELD << 3) | _LENGTH_DELIMITED])
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class WireInferResponse:
     raw: tuple[np.ndarray, ...]
 
     def to_message(self) -> inference_pb2.ModelInferResponse:
-        """The full protobuf message (copies the outputs; for nesting in a stream response)."""
+        """The full protobuf message (copies the outputs)."""
         full = inference_pb2.ModelInferResponse()
         full.CopyFrom(self.message)
         full.raw_output_contents.extend(a.tobytes() for a in self.raw)
@@ -130,11 +133,30 @@ def parse_infer_request(data: bytes) -> WireInferRequest:
     return WireInferRequest(message, tuple(raw))
 
 
-def serialize_infer_response(response: WireInferResponse) -> bytes:
-    """The encoded ModelInferResponse, raw outputs appended from the arrays' own buffers."""
-    parts: list[bytes | np.ndarray] = [response.message.SerializeToString()]
+def _response_parts(response: WireInferResponse) -> tuple[list[bytes | np.ndarray], int]:
+    """The pieces of the encoded ModelInferResponse (no copy of the outputs) and their size."""
+    head = response.message.SerializeToString()
+    parts: list[bytes | np.ndarray] = [head]
+    size = len(head)
     for array in response.raw:
         data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # a view, no copy
-        parts += [_RAW_OUTPUT_TAG, _encode_varint(data.nbytes), data]
-    return b"".join(parts)
+        length = _encode_varint(data.nbytes)
+        parts += [_RAW_OUTPUT_TAG, length, data]
+        size += len(_RAW_OUTPUT_TAG) + len(length) + data.nbytes
+    return parts, size
 
+
+def serialize_infer_response(response: WireInferResponse) -> bytes:
+    """The encoded ModelInferResponse, raw outputs appended from the arrays' own buffers."""
+    return b"".join(_response_parts(response)[0])
+
+
+def serialize_stream_response(
+        response: WireInferResponse | inference_pb2.ModelStreamInferResponse) -> bytes:
+    """The encoded ModelStreamInferResponse: an answer becomes its ``infer_response`` field
+    (written as :func:`serialize_infer_response` does, in one copy); an error message (a
+    ModelStreamInferResponse already) is serialised as it is."""
+    if not isinstance(response, WireInferResponse):
+        return response.SerializeToString()
+    parts, size = _response_parts(response)
+    return b"".join([_STREAM_ANSWER_TAG, _encode_varint(size), *parts])

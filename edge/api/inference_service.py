@@ -4,7 +4,7 @@ Handlers raise :mod:`edge.core.errors` types and leave the status codes to
 :class:`edge.api.errors.ErrorInterceptor`. The hot path (:meth:`ModelInfer`) is: resolve the
 model, decode raw inputs zero-copy, submit, wait, encode raw outputs. ModelInfer and
 ModelStreamInfer take :class:`~edge.api.infer_wire.WireInferRequest` (raw inputs left in the
-received bytes) and ModelInfer answers a :class:`~edge.api.infer_wire.WireInferResponse`; the
+received bytes) and answer :class:`~edge.api.infer_wire.WireInferResponse` objects; the
 server registers the matching (de)serializers (:func:`edge.api.grpc_server.inference_handlers`).
 """
 
@@ -197,7 +197,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelStreamInfer(self, request_iterator: Iterator[WireInferRequest],
                          context: grpc.ServicerContext) -> Iterator[Any]:
-        """Requests are submitted as they arrive; responses come back in request order."""
+        """Requests are submitted as they arrive; responses come back in request order: an
+        answer as a WireInferResponse, a failure as a ModelStreamInferResponse with its
+        ``error_message`` (see :func:`edge.api.infer_wire.serialize_stream_response`)."""
         pending: queue.SimpleQueue[_Submitted | Any | None] = queue.SimpleQueue()
 
         def read() -> None:
@@ -215,9 +217,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if not isinstance(item, _Submitted):
                 yield item
                 continue
+            response: WireInferResponse | Any
             try:
-                response = inference_pb2.ModelStreamInferResponse(
-                    infer_response=self._finish(item).to_message())
+                response = self._finish(item)
             except Exception as exc:
                 response = _stream_error(item.request.message, exc)
             self._counters.observe(item.model.id.name, str(item.model.id.version),

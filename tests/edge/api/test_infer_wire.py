@@ -14,6 +14,7 @@ from edge.api.infer_wire import (
     WireInferResponse,
     parse_infer_request,
     serialize_infer_response,
+    serialize_stream_response,
 )
 from edge.protos import inference_pb2
 
@@ -94,6 +95,17 @@ def test_response_serialization_equals_the_full_message() -> None:
     assert parsed == wire.to_message()
     assert list(parsed.raw_output_contents) == [np.ascontiguousarray(a).tobytes()
                                                 for a in arrays]
+
+
+def test_stream_answer_nests_the_response_and_errors_pass_through() -> None:
+    message = inference_pb2.ModelInferResponse(model_name="m", id="s-1")
+    arrays = (np.arange(1000, dtype=np.float32),)  # a length that needs a 2-byte varint
+    message.outputs.add(name="y", datatype="FP32").shape.append(1000)
+    wire = WireInferResponse(message, arrays)
+    parsed = inference_pb2.ModelStreamInferResponse.FromString(serialize_stream_response(wire))
+    assert parsed.infer_response == wire.to_message() and not parsed.error_message
+    error = inference_pb2.ModelStreamInferResponse(error_message="model 'x' not found")
+    assert serialize_stream_response(error) == error.SerializeToString()
 
 
 def test_malformed_request_is_internal_and_the_server_keeps_serving(grpc_url, client,
