@@ -25,7 +25,8 @@ from edge.postprocess.nodules3d import detect_series
 from edge.postprocess.results import SliceDetection, VoxelSpacing
 from edge.postprocess.slice_boxes import decode_frame, merge_spec, rows_to_boxes
 from edge.preprocess.dicom_pixels import decode
-from edge.preprocess.imaging import apply_window, preprocess_image, to_modality_units
+from edge.preprocess.imaging import apply_window, to_modality_units
+from edge.preprocess.series_input import series_inputs
 from edge.preprocess.volume import frame_geometries
 from edge.repository.loader import read_model
 from edge.repository.sidecar import read_sidecar
@@ -61,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     assert sidecar is not None
     sess, version = _session(args.repo, args.detector)
     slices = []
-    for ds in datasets:
+    inputs = series_inputs(datasets, sidecar.preprocess)  # 2.5D: stacked as serving does
+    for ds, x in zip(datasets, inputs, strict=True):
         decoded = decode(ds, str(ds.SOPInstanceUID))
-        x = preprocess_image(decoded.frames[0], decoded.meta, sidecar.preprocess)[np.newaxis]
+        x = x[np.newaxis]
         names = ["heatmap", "size", "offset"]
         heads = dict(zip(names, sess.run(names, {"image": x}), strict=True))  # type: ignore
         rows = decode_frame(heads, sidecar.labels, decoded.frames[0].shape[:2],
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  no CAM: {args.classifier} has no 'cam' output")
         return 0
     cls_sess, cls_version = _session(args.repo, args.classifier)
-    x = preprocess_image(decoded.frames[0], decoded.meta, cls_sidecar.preprocess)[np.newaxis]
+    x = series_inputs(datasets, cls_sidecar.preprocess)[k][np.newaxis]
     outputs = ["logits", str(cls_sidecar.postprocess["cam"])]
     logits, cam = cls_sess.run(outputs, {"image": x})  # type: ignore[attr-defined]
     p = float(np.exp(logits[0, 1]) / np.exp(logits[0]).sum())

@@ -54,8 +54,35 @@ def _dicom_input(path: Path, sidecar: dict[str, Any] | None) -> np.ndarray:
         raise SystemExit("mededge infer: the model has no sidecar with a preprocessing recipe; "
                          "pass --repo or send a .npy")
     spec = PreprocessSpec.from_dict(sidecar["preprocess"])
+    if spec.context_slices:  # 2.5D: the file's series neighbours from the same folder
+        return _context_input(path, spec)
     image = read_image(path)
     return preprocess_image(image.frames[0], image.meta, spec)[np.newaxis]  # (1, 1, H, W)
+
+
+def _context_input(path: Path, spec: Any) -> np.ndarray:
+    """(1, 2k + 1, H, W): ``path`` stacked with the instances of its series found in its
+    folder, as the pipeline stacks a series (edge.preprocess.series_input)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from edge.preprocess.series_input import series_inputs
+
+    target = pydicom.dcmread(path)
+    series = []
+    for sibling in sorted(path.parent.iterdir()):
+        if not sibling.is_file():
+            continue
+        try:
+            head = pydicom.dcmread(sibling, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError):  # not DICOM: not its series
+            continue
+        if getattr(head, "SeriesInstanceUID", None) == target.SeriesInstanceUID \
+                and head.SOPInstanceUID != target.SOPInstanceUID:
+            series.append(pydicom.dcmread(sibling))
+    print(f"2.5D model: {path.name} stacked with {len(series)} instance(s) of its series "
+          f"from {path.parent}", file=sys.stderr)
+    return series_inputs([target, *series], spec)[:1]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
