@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--rounds", type=int, default=3,
                        help="interleaved rounds (raw, mededge, Triton); medians reported")
     serve.add_argument("--no-triton", action="store_true", help="skip the Triton reference")
+    serve.add_argument("--no-streaming", action="store_true",
+                       help="drive the servers over ModelInfer only (not ModelStreamInfer too)")
     dicom = sub.add_parser("dicom", help="DICOM receive: mededge vs storescp, Orthanc, pynetdicom")
     dicom.add_argument("--work", type=Path, default=Path("work/bench-dicom"),
                        help="folder for the images, the received files and the table")
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
               f"{sorted(bench_serve.MODELS)}")
         return 2
     return bench_serve.main(args.work, models, args.batch, args.clients, args.seconds,
-                            args.threads, not args.no_triton, args.rounds)
+                            args.threads, not args.no_triton, args.rounds,
+                            not args.no_streaming)
 
 
 def _run_dicom(args: argparse.Namespace) -> int:

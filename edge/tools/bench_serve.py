@@ -55,6 +55,8 @@ MAX_BATCH = 8
 #: Appended to the bench models' config.pbtxt: the same batching as Triton's bench config.
 DYNAMIC_BATCHING = "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
 RAW, MEDEDGE, TRITON = "onnxruntime (raw)", "mededge", "triton (pytriton)"
+#: The same servers driven over ModelStreamInfer (one stream per client).
+MEDEDGE_STREAM, TRITON_STREAM = f"{MEDEDGE}, streaming", f"{TRITON}, streaming"
 
 
 @dataclass(frozen=True)
@@ -150,10 +152,13 @@ def encoded_request(spec: BenchModel, x: np.ndarray) -> bytes:
 
 
 def _client(url: str, spec: BenchModel, batch: int, start_at: float, seconds: float,
-            out: Any) -> None:
-    """One load-generating client: a gRPC channel sending the same encoded ModelInfer request
-    back to back and decoding each answer (as Triton's perf_analyzer prepares its requests
-    once). The servers' answers were checked against raw ONNX Runtime before (verify_server)."""
+            out: Any, stream: bool = False) -> None:
+    """One load-generating client: sends the same encoded ModelInfer request back to back,
+    one in flight, and decodes each answer (as Triton's perf_analyzer prepares its requests
+    once); over ModelInfer calls, or as messages on one ModelStreamInfer stream (``stream``,
+    perf_analyzer's ``--streaming``). The servers' answers were checked against raw ONNX
+    Runtime before (verify_server). Puts the latencies on ``out``, or the error as a string.
+    """
     import grpc
 
     from edge.protos import inference_pb2
@@ -162,31 +167,64 @@ def _client(url: str, spec: BenchModel, batch: int, start_at: float, seconds: fl
     limit = 1 << 30
     channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", limit),
                                                   ("grpc.max_receive_message_length", limit)])
-    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                response_deserializer=inference_pb2.ModelInferResponse.FromString)
     request = encoded_request(spec, x)
-    for _ in range(2):
-        infer(request)
-    time.sleep(max(0.0, start_at - time.time()))
-    latencies = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        response = infer(request)
-        latencies.append(time.perf_counter() - t)
-        if len(response.raw_output_contents) != 1:
-            raise RuntimeError(f"{url}: answer without its output {spec.output!r}")
-    channel.close()
-    out.put(latencies)
+    try:
+        infer = _streaming_infer(channel, request) if stream else partial(
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                response_deserializer=inference_pb2.ModelInferResponse.FromString),
+            request)
+        for _ in range(2):
+            infer()
+        time.sleep(max(0.0, start_at - time.time()))
+        latencies = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            response = infer()
+            latencies.append(time.perf_counter() - t)
+            if len(response.raw_output_contents) != 1:
+                raise RuntimeError(f"answer without its output {spec.output!r}")
+        out.put(latencies)
+    except Exception as exc:  # the bench reports it instead of waiting for a silent client
+        out.put(f"{'stream' if stream else 'unary'} client: {exc}")
+    finally:
+        channel.close()
 
 
-def drive(url: str, spec: BenchModel, batch: int, clients: int, seconds: float
-          ) -> tuple[list[float], float]:
-    """Run ``clients`` client processes for ``seconds``; (all latencies, items per second)."""
+def _streaming_infer(channel: Any, request: bytes) -> Callable[[], Any]:
+    """A call that sends ``request`` on one open ModelStreamInfer stream and returns the
+    answer (a ModelInferResponse). Raises RuntimeError with the server's error message."""
+    import queue
+
+    from edge.protos import inference_pb2
+
+    outgoing: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    answers = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        response_deserializer=inference_pb2.ModelStreamInferResponse.FromString)(
+            iter(outgoing.get, b""))
+
+    def infer() -> Any:
+        outgoing.put(request)
+        answer = next(answers)
+        if answer.error_message:
+            raise RuntimeError(answer.error_message)
+        return answer.infer_response
+
+    return infer
+
+
+def drive(url: str, spec: BenchModel, batch: int, clients: int, seconds: float,
+          stream: bool = False) -> tuple[list[float], float]:
+    """Run ``clients`` client processes for ``seconds``; (all latencies, items per second).
+
+    Raises:
+        RuntimeError: a client failed; the message is its error.
+    """
     ctx = mp.get_context("spawn")
     out: Any = ctx.Queue()
     start_at = time.time() + 4.0 + 0.5 * clients  # time for the processes to import and warm
-    procs = [ctx.Process(target=_client, args=(url, spec, batch, start_at, seconds, out))
+    procs = [ctx.Process(target=_client, args=(url, spec, batch, start_at, seconds, out, stream))
              for _ in range(clients)]
     for p in procs:
         p.start()
@@ -197,6 +235,9 @@ def drive(url: str, spec: BenchModel, batch: int, clients: int, seconds: float
             p.join(10)
             if p.is_alive():
                 p.kill()
+    errors = [r for r in results if isinstance(r, str)]
+    if errors:
+        raise RuntimeError(errors[0])
     latencies = [v for r in results for v in r]
     return latencies, len(latencies) * batch / seconds
 
@@ -214,14 +255,20 @@ def _batch_counts(client: Any, name: str) -> tuple[int, int] | None:
 
 
 def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: int,
-                 seconds: float) -> Result:
+                 seconds: float, stream: bool = False) -> Result:
+    """Batch-1 latency with one client, then throughput with ``clients``; a client failure
+    becomes the row's note (not timed)."""
     from edge.tools.triton_client import grpcclient
 
     client = grpcclient().InferenceServerClient(url)
-    one, _ = drive(url, spec, 1, 1, seconds)
+    try:
+        one, _ = drive(url, spec, 1, 1, seconds, stream)
+    except RuntimeError as exc:
+        client.close()
+        return Result(spec.name, system, note=f"failed: {exc}")
     p50, p99 = _percentiles(one)
     before = _batch_counts(client, spec.name)
-    _, throughput = drive(url, spec, batch, clients, seconds)
+    _, throughput = drive(url, spec, batch, clients, seconds, stream)
     after = _batch_counts(client, spec.name)
     mean_batch = None
     if before is not None and after is not None and after[1] > before[1]:
@@ -333,8 +380,9 @@ def _start_reference(venv: Path, path: Path, spec: BenchModel, threads: int, wor
 
 def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: int,
                  seconds: float, threads: int, triton: Path | None, rounds: int, work: Path,
-                 loads: list[float]) -> list[Result]:
-    """Raw, mededge and Triton on one model, in rounds of rotating order; the medians.
+                 loads: list[float], streaming: bool = True) -> list[Result]:
+    """Raw, mededge and Triton on one model (each server over ModelInfer and, with
+    ``streaming``, over ModelStreamInfer), in rounds of rotating order; the medians.
 
     Raises:
         OutputMismatch: mededge's answers differ from raw ONNX Runtime's.
@@ -343,12 +391,17 @@ def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: in
     verify_server(MEDEDGE, url, spec, sess)
     server, note = (None, "skipped (--no-triton)") if triton is None else \
         _start_reference(triton, path, spec, threads, work, sess)
-    measures: dict[str, Callable[[], Result]] = {
-        RAW: partial(bench_raw, sess, spec, seconds, MAX_BATCH),
-        MEDEDGE: partial(bench_server, MEDEDGE, url, spec, batch, clients, seconds)}
+    servers = [(MEDEDGE, MEDEDGE_STREAM, url)]
     if server is not None:
-        measures[TRITON] = partial(bench_server, TRITON, server.url, spec, batch, clients,
-                                   seconds)
+        servers.append((TRITON, TRITON_STREAM, server.url))
+    measures: dict[str, Callable[[], Result]] = {
+        RAW: partial(bench_raw, sess, spec, seconds, MAX_BATCH)}
+    for unary_name, stream_name, server_url in servers:
+        measures[unary_name] = partial(bench_server, unary_name, server_url, spec, batch,
+                                       clients, seconds)
+        if streaming:
+            measures[stream_name] = partial(bench_server, stream_name, server_url, spec, batch,
+                                            clients, seconds, stream=True)
     rows: dict[str, list[Result]] = {name: [] for name in measures}
     order = list(measures)
     try:
@@ -361,13 +414,17 @@ def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: in
     finally:
         if server is not None:
             server.stop()
-    return [_median(rows[RAW]), _median(rows[MEDEDGE]),
-            replace(_median(rows[TRITON]), note=note) if server is not None
-            else Result(spec.name, TRITON, note=note)]
+    results = [_median(rows[name]) for name in measures]
+    if server is None:
+        results.append(Result(spec.name, TRITON, note=note))
+    else:
+        results = [replace(r, note=note or r.note) if r.system == TRITON else r for r in results]
+    return results
 
 
 def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: float,
-              threads: int, triton: Path | None, rounds: int = 3) -> tuple[list[Result], str]:
+              threads: int, triton: Path | None, rounds: int = 3, streaming: bool = True
+              ) -> tuple[list[Result], str]:
     """Measure every model; (median results, load note). ``triton``: the Triton venv or None.
 
     Raises:
@@ -380,7 +437,7 @@ def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: 
     try:
         for path, spec in specs:
             results += _bench_model(path, spec, url, batch, clients, seconds, threads, triton,
-                                    rounds, work, loads)
+                                    rounds, work, loads, streaming)
     finally:
         stop_group(proc)
     load = (f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run"
@@ -425,7 +482,7 @@ def triton_venv() -> Path:
 
 
 def main(work: Path, models: list[str], batch: int, clients: int, seconds: float,
-         threads: int, triton: bool, rounds: int = 3) -> int:
+         threads: int, triton: bool, rounds: int = 3, streaming: bool = True) -> int:
     """Run the bench, print the table and write it (markdown and JSON) under ``work``.
 
     ``threads`` 0 means one intra-op thread per CPU, given explicitly to every system.
@@ -435,7 +492,7 @@ def main(work: Path, models: list[str], batch: int, clients: int, seconds: float
     work.mkdir(parents=True, exist_ok=True)
     try:
         results, load = run_bench(work, models, batch, clients, seconds, threads,
-                                  triton_venv() if triton else None, rounds)
+                                  triton_venv() if triton else None, rounds, streaming)
     except OutputMismatch as exc:
         print(f"mededge bench serve: {exc}")
         return 1
@@ -445,8 +502,9 @@ def main(work: Path, models: list[str], batch: int, clients: int, seconds: float
               f"of {rounds} rounds in rotating order; {load}.\nraw = back-to-back session.run "
               f"from one thread (b1, and b{MAX_BATCH} = the servers' max_batch_size); servers: "
               f"dynamic batching, max_batch_size {MAX_BATCH}, no queue delay; clients are "
-              f"separate processes (one encoded KServe v2 request sent back to back; answers "
-              f"checked with tritonclient first).\n\n")
+              f"separate processes, one request in flight each (one encoded KServe v2 request sent "
+              f"back to back over ModelInfer, or on one ModelStreamInfer stream per client for "
+              f"the 'streaming' rows; answers checked with tritonclient first).\n\n")
     (work / "bench_serve.md").write_text(header + table)
     (work / "bench_serve.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print(header + table)

@@ -19,6 +19,7 @@ from edge.tools.bench_serve import (
     BenchModel,
     Result,
     _median,
+    bench_server,
     drive,
     encoded_request,
     markdown,
@@ -152,3 +153,19 @@ def test_clients_drive_a_real_mededge_server(tmp_path: Path) -> None:
     finally:
         stop_group(proc)
     assert latencies and throughput == len(latencies) * 2 / 0.5
+
+
+def test_streaming_clients_drive_a_real_mededge_server_and_errors_surface(tmp_path: Path
+                                                                         ) -> None:
+    spec = _probe_model(tmp_path / "repo")
+    proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
+    try:
+        latencies, _ = drive(url, spec, batch=1, clients=2, seconds=0.5, stream=True)
+        assert latencies
+        missing = BenchModel("absent", "input", "logits", (3, 8, 8))
+        with pytest.raises(RuntimeError, match="absent"):  # the server's NOT_FOUND message
+            drive(url, missing, batch=1, clients=1, seconds=0.5, stream=True)
+        result = bench_server(MEDEDGE, url, missing, 1, 1, 0.5)
+        assert result.p50_ms is None and "failed" in result.note
+    finally:
+        stop_group(proc)
