@@ -263,7 +263,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             future = model.submit(InferenceRequest(
                 model=model.id.name, inputs=inputs, version=model.id.version,
                 request_id=message.id, priority=_priority(message), deadline=deadline,
-                outputs=requested))
+                outputs=requested), inline=True)
         except InvalidInputError:
             # The scheduler counts rejections for a full queue, not for invalid input.
             self._counters.refuse(model.id.name, str(model.id.version))

@@ -1,8 +1,11 @@
 """ServedModel: one loaded, warmed model version behind a queue and N instance threads.
 
 ``submit`` validates and queues a request and returns a future at once; instance threads take
-batches from the queue (see ``queue.py`` and ``batcher.py``), run them on their backend and
+batches from the queue (see ``queue.py`` and ``batcher.py``), run them on a free backend and
 answer each request with its own rows. Nothing polls: threads sleep on condition variables.
+``submit(..., inline=True)`` (the gRPC front end, which waits for the answer anyway) runs the
+request on the caller's thread instead when the model is idle and the batcher would not wait
+for company (no queue delay), which saves two thread hand-offs.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
@@ -90,7 +94,12 @@ class ServedModel:
         self._default_timeout_ns = int(queue_policy.default_timeout_microseconds) * 1000
         max_requests = int(queue_policy.max_queue_size) or settings.max_queue_size
         self._queue = RequestQueue(str(model_id), self._levels, max_requests,
-                                   settings.max_queue_bytes, int(settings.aging_ms * 1e6))
+                                   settings.max_queue_bytes, int(settings.aging_ms * 1e6),
+                                   slots=len(self._backends))
+        # Backends not executing; the queue's slots guarantee one is here for whoever holds a
+        # slot (deque append/pop are atomic).
+        self._free_backends: deque[Backend] = deque(self._backends)
+        self._inline = self._policy.max_delay_ns == 0
         self._timer = DeadlineTimer(str(model_id), self._expire)
         self._stats = StatsRecorder(model_id.name, model_id.version)
         self._successor: ServedModel | None = None
@@ -98,16 +107,17 @@ class ServedModel:
         self._closed = False
         self._close_lock = threading.Lock()
         self._threads = [
-            threading.Thread(target=self._worker, args=(b,), daemon=True,
-                             name=f"{model_id}-instance{i}")
-            for i, b in enumerate(self._backends)]
+            threading.Thread(target=self._worker, daemon=True, name=f"{model_id}-instance{i}")
+            for i in range(len(self._backends))]
         for thread in self._threads:
             thread.start()
 
     # -- submitting ---------------------------------------------------------------------------
 
-    def submit(self, request: InferenceRequest) -> Future[InferenceResponse]:
-        """Validate and queue ``request``; the future gets its response.
+    def submit(self, request: InferenceRequest, inline: bool = False
+               ) -> Future[InferenceResponse]:
+        """Validate and queue ``request``; the future gets its response. With ``inline``, an
+        idle model without queue delay executes it on this thread before returning.
 
         The future fails with DeadlineExceededError at ``request.deadline`` (or the queue
         policy's default timeout), BackendError when execution fails, and ModelNotReadyError
@@ -120,7 +130,7 @@ class ServedModel:
             ModelNotReadyError: the version was unloaded (and no newer version took over).
         """
         if self._retired:
-            return self._forward(request)
+            return self._forward(request, inline)
         inputs, size = self._validate(request)
         if request.outputs:
             unknown = [n for n in request.outputs if n not in self._output_names]
@@ -141,21 +151,25 @@ class ServedModel:
         item = Pending(request, inputs, future, level, deadline_ns, size, nbytes,
                        shape_key(inputs) if self._policy.batches_requests else None, outputs)
         future.on_cancel = lambda: self._cancelled(item)
+        if inline and self._inline and self._queue.begin_inline(item):
+            self._run_taken([item])
+            return future
         try:
             self._queue.put(item)
         except QueueFullError:
             self._stats.record_failure(0, REASON_REJECTED)
             raise
         except ModelNotReadyError:
-            return self._forward(request)
+            return self._forward(request, inline)
         if deadline_ns is not None:
             self._timer.schedule(item)
         return future
 
-    def _forward(self, request: InferenceRequest) -> Future[InferenceResponse]:
+    def _forward(self, request: InferenceRequest, inline: bool = False
+                 ) -> Future[InferenceResponse]:
         successor = self._successor
         if successor is not None and request.version in (None, successor.id.version):
-            return successor.submit(request)
+            return successor.submit(request, inline)
         raise ModelNotReadyError(f"{self.id}: unloaded")
 
     def _validate(self, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:
@@ -201,15 +215,21 @@ class ServedModel:
 
     # -- executing ----------------------------------------------------------------------------
 
-    def _worker(self, backend: Backend) -> None:
+    def _worker(self) -> None:
         while True:
             batch = self._queue.take_batch(self._policy)
             if batch is None:
                 return
-            try:
-                self._execute(backend, batch)
-            finally:
-                self._queue.batch_done()
+            self._run_taken(batch)
+
+    def _run_taken(self, batch: list[Pending]) -> None:
+        """Execute a batch that holds one of the queue's slots, on a free backend."""
+        backend = self._free_backends.pop()
+        try:
+            self._execute(backend, batch)
+        finally:
+            self._free_backends.append(backend)
+            self._queue.batch_done()
 
     def _execute(self, backend: Backend, batch: list[Pending]) -> None:
         start = time.monotonic_ns()
@@ -260,6 +280,11 @@ class ServedModel:
     @property
     def pending_count(self) -> int:
         return len(self._queue)
+
+    @property
+    def executing_count(self) -> int:
+        """Batches executing now on this version's instances."""
+        return self._queue.executing
 
     def close(self, drain_timeout_s: float = 30.0, successor: ServedModel | None = None) -> None:
         """Stop taking requests (new ones go to ``successor`` when given), let queued and

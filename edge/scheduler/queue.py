@@ -6,6 +6,9 @@ request, so a request waiting ``aging`` longer than a higher level's rises one l
 priority is never starved. Removal (cancel, deadline) is lazy in the heaps but immediate in the
 counts that bound the queue; the heaps are compacted when they hold more garbage than requests.
 Workers block on a condition variable: no polling, and an idle model dispatches at once.
+``slots`` bounds what executes at a time (the model's instances): a worker that finds work waits
+for a free slot, and :meth:`RequestQueue.begin_inline` lets a caller take a free slot itself
+when nothing is queued, so the request runs on the caller's thread without a hand-off.
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ class RequestQueue:
     """Bounded by request count and by input bytes; thread-safe."""
 
     def __init__(self, name: str, levels: int, max_requests: int, max_bytes: int,
-                 aging_ns: int) -> None:
+                 aging_ns: int, slots: int = 1) -> None:
         self._name = name
+        self._slots = max(1, slots)
         self._levels = max(1, levels)
         self._max_requests = max_requests
         self._max_bytes = max_bytes
@@ -95,6 +99,11 @@ class RequestQueue:
 
     def __len__(self) -> int:
         return self._count
+
+    @property
+    def executing(self) -> int:
+        """Batches executing now (by workers or inline callers)."""
+        return self._busy
 
     def put(self, item: Pending) -> None:
         """Queue ``item`` and wake one worker.
@@ -185,6 +194,9 @@ class RequestQueue:
                         return None
                     self._cond.wait()
                     continue
+                if self._busy >= self._slots:  # every instance executing (inline ones too)
+                    self._cond.wait()
+                    continue
                 now = time.monotonic_ns()
                 order, oldest = self._level_order(now)
                 want = plan_batch(self._items, now - oldest, policy)
@@ -224,11 +236,25 @@ class RequestQueue:
             self._push(item)
         return batch
 
+    def begin_inline(self, item: Pending) -> bool:
+        """Take a free slot for ``item`` without queueing it, if nothing is queued and the
+        queue is open; True: the caller executes it now and then calls :meth:`batch_done`."""
+        with self._cond:
+            if self._closed or self._count or self._busy >= self._slots:
+                return False
+            if not item.future.set_running_or_notify_cancel():
+                return False
+            item.state = TAKEN
+            self._busy += 1
+            return True
+
     def batch_done(self) -> None:
-        """A worker finished executing a batch it took."""
+        """A worker (or an inline caller) finished executing what it took."""
         with self._cond:
             self._busy -= 1
-            if self._busy == 0 and self._count == 0:
+            if self._count:
+                self._cond.notify()  # a worker may be waiting for this slot
+            elif self._busy == 0:
                 self._idle.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:

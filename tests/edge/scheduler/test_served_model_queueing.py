@@ -154,3 +154,50 @@ def test_close_drains_queued_requests(make_model) -> None:
     model.close(20)
     assert busy.result(timeout=0).request_id == "busy"
     assert [f.result(timeout=0).request_id for f in queued] == ["0", "1", "2"]
+
+
+def test_inline_runs_an_idle_models_request_on_the_callers_thread(make_model) -> None:
+    model = make_model()
+    future = model.submit(InferenceRequest("slow", {"X": _x()}, request_id="inline"),
+                          inline=True)
+    assert future.done() and future.result().request_id == "inline"
+
+
+def test_inline_request_queues_behind_a_busy_instance(make_model) -> None:
+    model = make_model()
+    busy = _busy(model)
+    late = model.submit(InferenceRequest("slow", {"X": _x()}, request_id="late"), inline=True)
+    assert not late.done()  # queued, not run beside the busy instance
+    assert _completion_order([busy, late]) == ["busy", "late"]
+
+
+def test_an_inline_execution_holds_the_instance_slot(make_model) -> None:
+    """While a large request runs inline on another thread, a small one submitted normally
+    waits for the single instance instead of running beside it (it would finish first)."""
+    model = make_model()
+    inline: list[Future[InferenceResponse]] = []
+    started = threading.Event()
+    big = InferenceRequest("slow", {"X": _x(16)}, request_id="inline-big")
+    thread = threading.Thread(target=lambda: (started.set(), inline.append(
+        model.submit(big, inline=True))))
+    thread.start()
+    started.wait()
+    while not model.executing_count:
+        time.sleep(0.001)
+    small = model.submit(InferenceRequest("slow", {"X": _x()}, request_id="small"))
+    thread.join(30)
+    assert inline[0].done()
+    assert _completion_order([inline[0], small]) == ["inline-big", "small"]
+
+
+def test_inline_is_off_when_the_batcher_waits_for_company(tmp_path: Path) -> None:
+    slow_matmul(tmp_path / "delayed" / "1" / "model.onnx", steps=48, size=SIZE)
+    (tmp_path / "delayed" / "config.pbtxt").write_text(
+        CONFIG + "dynamic_batching { max_queue_delay_microseconds: 50000 }\n")
+    model = served(tmp_path, "delayed")
+    try:
+        future = model.submit(InferenceRequest("delayed", {"X": _x()}), inline=True)
+        assert not future.done()
+        future.result(timeout=20)
+    finally:
+        model.close(10)
