@@ -117,7 +117,9 @@ class EdgeServer:
         self.delivery = DeliveryWorker(
             self.ledger, DicomSender(settings.dispatch),
             RetryPolicy.from_settings(settings.dispatch),
-            max_batch=settings.dispatch.max_batch, on_outcome=self._delivery_outcome)
+            max_batch=settings.dispatch.max_batch,
+            max_destinations=settings.dispatch.max_destinations,
+            on_outcome=self._delivery_outcome)
         self.delivery.start()
         self.orchestrator = Orchestrator(settings, self.ledger, self.manager, self.delivery,
                                          self.pipeline_metrics)

@@ -217,6 +217,7 @@ class DispatchSettings(_Section):
     dimse_timeout_s: float = Field(default=60.0, gt=0)  # each C-STORE response
     network_timeout_s: float = Field(default=60.0, gt=0)  # idle connection
     max_batch: int = Field(default=64, ge=1)  # files per association
+    max_destinations: int = Field(default=16, ge=1)  # delivery threads (one per destination)
     retry_initial_s: float = Field(default=5.0, gt=0)
     retry_factor: float = Field(default=2.0, ge=1)
     retry_max_s: float = Field(default=600.0, gt=0)
