@@ -229,7 +229,7 @@ def drive(url: str, spec: BenchModel, batch: int, clients: int, seconds: float,
     for p in procs:
         p.start()
     try:
-        results = [out.get(timeout=seconds + 180) for _ in procs]
+        results = _collect(out, procs, deadline=time.monotonic() + seconds + 180)
     finally:
         for p in procs:
             p.join(10)
@@ -240,6 +240,30 @@ def drive(url: str, spec: BenchModel, batch: int, clients: int, seconds: float,
         raise RuntimeError(errors[0])
     latencies = [v for r in results for v in r]
     return latencies, len(latencies) * batch / seconds
+
+
+def _collect(out: Any, procs: list[Any], deadline: float) -> list[list[float] | str]:
+    """One result per client process. Raises RuntimeError when the processes are gone
+    without leaving all their results (a crash before reporting), or at ``deadline``."""
+    import queue
+
+    results: list[list[float] | str] = []
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=1.0))
+            continue
+        except queue.Empty:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(procs) - len(results)} client(s) never reported")
+        if not any(p.is_alive() for p in procs):
+            try:  # a last result may still be in the pipe
+                results.append(out.get(timeout=1.0))
+            except queue.Empty:
+                codes = [p.exitcode for p in procs]
+                raise RuntimeError(f"client processes exited without reporting (exit codes "
+                                   f"{codes})") from None
+    return results
 
 
 def _batch_counts(client: Any, name: str) -> tuple[int, int] | None:

@@ -169,3 +169,17 @@ def test_streaming_clients_drive_a_real_mededge_server_and_errors_surface(tmp_pa
         assert result.p50_ms is None and "failed" in result.note
     finally:
         stop_group(proc)
+
+
+def test_a_client_that_dies_without_reporting_is_an_error_not_a_wait() -> None:
+    import multiprocessing as mp
+
+    from edge.tools.bench_serve import _collect
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=os._exit, args=(3,))
+    proc.start()
+    with pytest.raises(RuntimeError, match=r"exit codes \[3\]"):
+        _collect(out, [proc], deadline=time.monotonic() + 60)
+    proc.join()
