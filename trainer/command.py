@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 #: Per task: (epochs, samples per epoch, batch size, learning rate, input size, widths). Sized
 #: so each model trains in a few minutes on an idle 2-core CPU on `make demo` data
-#: (docs/training.md has the measurements).
+#: (docs/training.md has the measurements: the 2.5D classifier, 87 s at load ~1; twice the
+#: epochs overfit).
 DEFAULTS = {
     "classify": (10, 1024, 32, 3e-3, 256, "16,32,64"),
     "segment": (12, 1024, 16, 3e-3, 128, "16,32,64,128"),
@@ -29,12 +30,13 @@ DEFAULTS = {
 #: Classifier only: training window (px of the model input; 0 = whole frame), evidence-map
 #: stride (0 = deepest stage, no decoder), and the visible-nodule rule's diameter (mm).
 CLASSIFY_CROP, CLASSIFY_HEAD_STRIDE, MIN_VISIBLE_MM = 128, 4, 3.0
-#: Classifier: neighbours stacked on each side (PreprocessSpec.context_slices) and where
-#: negative windows are drawn (trainer/classify.py: crop_origins).
-CLASSIFY_CONTEXT, CLASSIFY_CONTEXT_MM, CLASSIFY_NEGATIVES = 0, None, "lung"
-#: Classifier: gate the nodule evidence by a predicted lung map (trainer/models.py).
-CLASSIFY_LUNG_GATE = False
+#: Classifier: 2.5D input, the volume 4 and 8 mm above and below each slice
+#: (PreprocessSpec.context_slices / context_spacing_mm), and where negative windows are drawn
+#: (trainer/classify.py: crop_origins). Chosen on validation (docs/training.md: run c4).
+CLASSIFY_CONTEXT, CLASSIFY_CONTEXT_MM, CLASSIFY_NEGATIVES = 2, 4.0, "lung"
 NEGATIVE_MODES = ("lung", "lung-border")
+#: Classifier: gate the nodule evidence by a predicted lung map (trainer/models.py).
+CLASSIFY_LUNG_GATE = True
 
 #: Tasks trained by their own modules (trainer/detect_train.py, trainer/train3d.py).
 OTHER_TASKS = ("detect", "segment3d")
@@ -74,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-spacing-mm", type=float, default=None,
                         help="classify/detect: with --context-slices, the neighbours are the "
                              "volume at multiples of this distance along the normal (linear "
-                             "between slices) instead of the next slices (default per task)")
+                             "between slices); 0: the next slices (default per task)")
     parser.add_argument("--negatives", choices=NEGATIVE_MODES, default=CLASSIFY_NEGATIVES,
                         help="classify: where negative training windows are centred: 'lung' "
                              "(half on lung pixels, half anywhere) or 'lung-border' (a third "
@@ -137,6 +139,19 @@ def prepare_data(args: argparse.Namespace, spec: PreprocessSpec) -> SliceSet:
     return data
 
 
+def _lung_gate(args: argparse.Namespace, data: SliceSet) -> bool:
+    """Whether the classifier gets a lung head: asked for, and lung masks to train it on
+    (a DICOM folder with a label CSV and no masks trains without it)."""
+    if args.task != "classify" or not args.lung_gate:
+        return False
+    from trainer.datasets import IGNORE
+
+    masked = data.masks is not None and bool((~(data.masks == IGNORE).any(axis=(1, 2))).any())
+    if not masked:
+        log.info("classify: no lung masks, so no lung gate")
+    return masked
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate, report, export and publish. Returns the exit code."""
     if args.task == "detect":
@@ -161,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(args.seed)
         context = CLASSIFY_CONTEXT if args.context_slices is None else args.context_slices
         context_mm = (CLASSIFY_CONTEXT_MM if args.context_spacing_mm is None
-                      else args.context_spacing_mm)
+                      else args.context_spacing_mm or None)  # 0: the next slices
         use = args.task == "classify" and context > 0
         spec = PreprocessSpec(height=args.size or size, width=args.size or size,
                               window_center=args.window_center, window_width=args.window_width,
@@ -174,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
                           widths=tuple(int(w) for w in (args.widths or widths).split(",")),
                           head_stride=args.head_stride if args.task == "classify" else 0,
                           in_channels=spec.channels,
-                          lung_gate=bool(args.lung_gate) and args.task == "classify")
+                          lung_gate=_lung_gate(args, data))
         work_dir = args.work_dir or args.repo.resolve().parent / "runs" / args.model
         cfg = TrainConfig(
             epochs=args.epochs or epochs, batch_size=args.batch_size or batch,

@@ -51,8 +51,10 @@ CROP = 128
 #: anywhere (--lung-windows; needs lung masks).
 LUNG_WINDOWS = 0.0
 LABELS = ("nodule",)
-#: Neighbouring slices stacked on each side (PreprocessSpec.context_slices); --context-slices.
-CONTEXT, CONTEXT_MM = 0, None
+#: 2.5D input: the volume 4 and 8 mm above and below each slice (PreprocessSpec
+#: context_slices / context_spacing_mm; --context-slices, --context-spacing-mm). Chosen on
+#: validation (docs/detection.md: run D1).
+CONTEXT, CONTEXT_MM = 2, 4.0
 MERGE = {"min_iou": 0.3, "max_gap": 1, "max_center_mm": 5.0}
 
 
@@ -165,7 +167,7 @@ def run_detect(args: argparse.Namespace) -> int:
         context = getattr(args, "context_slices", None)
         context = CONTEXT if context is None else context
         context_mm = getattr(args, "context_spacing_mm", None)
-        context_mm = CONTEXT_MM if context_mm is None else context_mm
+        context_mm = CONTEXT_MM if context_mm is None else context_mm or None  # 0: next slices
         spec = PreprocessSpec(height=args.size or size, width=args.size or size,
                               window_center=args.window_center, window_width=args.window_width,
                               context_slices=context,

@@ -67,7 +67,7 @@ def main(repo: Path, name: str, seconds: float = 5.0, rounds: int = 3,
             print(f"mededge bench detect: {name} is not a detector (sidecar task detect)")
             return 2
         spec = sidecar.preprocess
-        x = np.random.default_rng(0).normal(0, 1, (1, 1, spec.height, spec.width))
+        x = np.random.default_rng(0).normal(0, 1, (1, spec.channels, spec.height, spec.width))
         x = x.astype(np.float32)
         path = repo / name / str(model.id.version) / "model.onnx"
         raw, via = [], []
@@ -76,7 +76,8 @@ def main(repo: Path, name: str, seconds: float = 5.0, rounds: int = 3,
             via.append(_served(model, x, seconds))
         stride = decode_spec(sidecar.postprocess).stride
         window = WindowSpec(size=(spec.height, spec.width), overlap=0.25, output_stride=stride)
-        big = np.random.default_rng(1).normal(0, 1, (1, 2 * spec.height, 2 * spec.width))
+        big = np.random.default_rng(1).normal(
+            0, 1, (spec.channels, 2 * spec.height, 2 * spec.width))
         overhead = measure_overhead(big.astype(np.float32), model, window, repeats=rounds)
     finally:
         model.close()

@@ -70,13 +70,16 @@ def test_train_detect_publishes_raw_heads(synth: Path, tmp_path: Path) -> None:
     assert post["stride"] == 4 and post["size_encoding"] == "log" and post["heatmap_logits"]
     assert {"map_50", "map_50_95", "map_50_6mm", "froc_cpm"} <= set(sidecar.versions[1].metrics)
     # ONNX Runtime on real slices = torch; the heads decode with the sidecar's settings.
-    slices = load_synthetic(synth, sidecar.preprocess, progress=False).images[:4]
+    spec = sidecar.preprocess  # a 2.5D model's slices stacked as the trainer and serving do
+    slices = load_synthetic(synth, spec.single_slice(), progress=False).with_context(
+        spec.context_slices, spec.context_spacing_mm).images[:4]
     sess = ort.InferenceSession(str(repo / "det" / "1" / "model.onnx"),
                                 providers=["CPUExecutionProvider"])
     heads = dict(zip(("heatmap", "size", "offset"),
                      sess.run(["heatmap", "size", "offset"], {"image": slices}), strict=True))
     state = torch.load(repo.parent / "runs" / "det" / "best.pt", weights_only=False)
-    model = build_detector(DetectorSpec(widths=(8, 16, 32), layers=(1, 1, 1)))
+    model = build_detector(DetectorSpec(widths=(8, 16, 32), layers=(1, 1, 1),
+                                        in_channels=spec.channels))
     model.load_state_dict(state["state_dict"])
     with torch.no_grad():
         want = model.eval()(torch.from_numpy(slices))

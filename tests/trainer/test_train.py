@@ -41,11 +41,12 @@ def _check_published(repo: Path, name: str, version: int, task: Task, data: Path
     model_dir = repo / name
     config = read_model_config(model_dir)
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
-    assert [i.name for i in config.input] == ["image"] and list(config.input[0].dims) == [1, 32,
-                                                                                          32]
-    assert config.instance_group[0].count == 1 and config.dynamic_batching.preferred_batch_size
     sidecar = read_sidecar(model_dir)
     assert sidecar is not None and sidecar.task is task
+    channels = sidecar.preprocess.channels  # 2k + 1 for a 2.5D classifier
+    assert [i.name for i in config.input] == ["image"]
+    assert list(config.input[0].dims) == [channels, 32, 32]
+    assert config.instance_group[0].count == 1 and config.dynamic_batching.preferred_batch_size
     assert sidecar.applicability.modality == ("CT",)
     assert sidecar.applicability.body_part == ("CHEST",)
     assert sidecar.postprocess["activation"] == "softmax"
@@ -59,7 +60,9 @@ def _check_published(repo: Path, name: str, version: int, task: Task, data: Path
     onnx_path = model_dir / str(version) / "model.onnx"
     assert set(record.files) == {"model.onnx"}
     # ONNX Runtime on real preprocessed slices vs the torch checkpoint.
-    slices = load_synthetic(data, sidecar.preprocess, progress=False).images[:6]
+    spec = sidecar.preprocess  # a 2.5D model's slices stacked as the trainer and serving do
+    slices = load_synthetic(data, spec.single_slice(), progress=False).with_context(
+        spec.context_slices, spec.context_spacing_mm).images[:6]
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"image": slices})[0]
     state = torch.load(repo.parent / "runs" / name / "best.pt", weights_only=False)
