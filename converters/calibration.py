@@ -10,7 +10,10 @@ Sources, by what ``path`` is:
   already-preprocessed (N, C, H, W) float32 arrays.
 
 Every image goes through :func:`edge.preprocess.imaging.preprocess_image` with the model's own
-sidecar spec, exactly as serving does.
+sidecar spec, exactly as serving does. For a 2.5D model (``context_slices`` > 0) each slice is
+stacked with its neighbours as serving stacks them: the trainer's
+``SliceSet.with_context`` for a dataset, :func:`edge.preprocess.series_input.series_inputs`
+per series for a DICOM folder.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def _from_arrays(path: Path) -> SampleSet:
 
 
 def _from_dicom_folder(path: Path, spec: PreprocessSpec) -> SampleSet:
+    if spec.context_slices:
+        return _series_from_dicom_folder(path, spec)
     from edge.preprocess.dicom_pixels import read_image
     from edge.preprocess.imaging import preprocess_image
 
@@ -91,6 +96,32 @@ def _from_dicom_folder(path: Path, spec: PreprocessSpec) -> SampleSet:
     return SampleSet(np.stack(images), None, None, str(path))
 
 
+def _series_from_dicom_folder(path: Path, spec: PreprocessSpec) -> SampleSet:
+    """2.5D inputs: the DICOM files grouped by series, each series stacked as serving does;
+    unreadable files and series that cannot be stacked (multi-frame) are skipped and logged."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from edge.preprocess.series_input import series_inputs
+
+    series: dict[str, list[pydicom.Dataset]] = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(file)
+            series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            log.debug("calibration: skipping %s: %s", file, exc)
+    images = []
+    for uid, datasets in series.items():
+        try:
+            images.append(series_inputs(datasets, spec))
+        except DataError as exc:
+            log.warning("calibration: skipping series %s: %s", uid, exc)
+    if not images:
+        raise DataError(f"{path}: no DICOM series that can be stacked for a 2.5D model")
+    return SampleSet(np.concatenate(images), None, None, str(path))
+
+
 def load_samples(path: Path, spec: PreprocessSpec, *, split: str | None = None,
                  labels: Sequence[str] = (), limit: int | None = None,
                  seed: int = 0) -> SampleSet:
@@ -105,7 +136,9 @@ def load_samples(path: Path, spec: PreprocessSpec, *, split: str | None = None,
     elif (path / "manifest.json").is_file() or (path / "labels.csv").is_file():
         from trainer.datasets import load_data
 
-        data = load_data(path, spec, labels=labels, progress=False)
+        data = load_data(path, spec.single_slice(), labels=labels, progress=False)
+        if spec.context_slices:
+            data = data.with_context(spec.context_slices, spec.context_spacing_mm)
         if split is not None:
             data = data.subset(split)
         if not len(data):
