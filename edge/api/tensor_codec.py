@@ -1,8 +1,10 @@
 """KServe v2 tensors <-> numpy: decoding requests, encoding responses.
 
 Raw contents are decoded zero-copy (``np.frombuffer`` over the received bytes, read-only: see
-:mod:`edge.api.infer_wire`); typed contents are copied out of the repeated field. Every size
-check names the input.
+:mod:`edge.api.infer_wire`) when they lie at an address aligned for their type, and copied once
+when not (where a tensor starts inside the message depends on the names and shapes before it;
+ONNX Runtime takes a slow path for unaligned input: +260 us for a 600 KB FP32 tensor here).
+Typed contents are copied out of the repeated field. Every size check names the input.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def decode_inputs(request: inference_pb2.ModelInferRequest,
                     f"input {name!r}: {len(buf)} bytes of raw contents, expected {expected} "
                     f"for shape {list(shape)} {tensor.datatype}")
             array = np.frombuffer(buf, dtype=dtype).reshape(shape)
+            if not array.flags.aligned:  # the tensor's offset in the message is arbitrary;
+                array = array.copy()  # one copy here beats ONNX Runtime's slow unaligned path
         else:
             array = _typed(name, tensor, dtype, shape, count)
         if name in arrays:

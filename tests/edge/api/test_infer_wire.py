@@ -121,3 +121,17 @@ def test_malformed_request_is_internal_and_the_server_keeps_serving(grpc_url, cl
     k.set_data_from_numpy(np.full((1, 4), 3, np.int32))
     result = client.infer("affine", [x, k])
     np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 4), 5.0, np.float32))
+
+
+@pytest.mark.parametrize("name", ["x", "xy", "xyz", "wxyz"])  # moves the tensor's offset
+def test_decoded_inputs_are_aligned_and_equal_whatever_their_offset(name: str) -> None:
+    from edge.api.tensor_codec import decode_inputs
+
+    values = np.arange(12, dtype=np.float32).reshape(1, 12)
+    request = inference_pb2.ModelInferRequest(model_name="m")
+    request.inputs.add(name=name, datatype="FP32").shape.extend(values.shape)
+    request.raw_input_contents.append(values.tobytes())
+    wire = parse_infer_request(request.SerializeToString())
+    array = decode_inputs(wire.message, wire.raw)[name]
+    assert array.flags.aligned
+    np.testing.assert_array_equal(array, values)
