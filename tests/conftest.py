@@ -28,3 +28,15 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three tiny synthetic studies (64 x 64, 8-10 slices, seed 5), made once per session for
+    the tests that only read them (datasets, classifier, calibration)."""
+    from edge.cli import main as cli
+
+    out = tmp_path_factory.mktemp("small-synth") / "data"
+    assert cli(["synth", "--out", str(out), "--studies", "3", "--seed", "5", "--size", "64",
+                "--slices-min", "8", "--slices-max", "10", "--quiet"]) == 0
+    return out

@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 
 from converters.calibration import load_samples
-from edge.cli import main as cli
 from edge.preprocess.imaging import PreprocessSpec
 
 SPEC = PreprocessSpec(height=32, width=32, window_center=-600, window_width=1500)
 CONTEXT = replace(SPEC, context_slices=1)
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "data"
-    assert cli(["synth", "--out", str(out), "--studies", "3", "--seed", "5", "--size", "64",
-                "--slices-min", "8", "--slices-max", "10", "--quiet"]) == 0
-    return out
+@pytest.fixture()
+def synth(small_synth: Path) -> Path:
+    return small_synth
 
 
 def test_dataset_samples_of_a_context_model_are_stacked_around_each_slice(synth: Path) -> None:
