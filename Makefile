@@ -65,8 +65,17 @@ $(TRITON_VENV)/.installed: | $(VENV)/.installed
 	$$tpy -c 'import numpy, onnxruntime, pytriton; assert numpy.__version__ < "2"' && \
 	touch $@ || echo "venv-triton: could not build $(TRITON_VENV); make bench reports Triton as unavailable"
 
+# Serving (raw ONNX Runtime, mededge, Triton), DICOM receive (storescp, Orthanc, pynetdicom,
+# mededge), time to result, and the detector of `make demo` (throughput and sliding-window
+# overhead) when it has been trained. Each prints its table and writes it under $(WORK).
 bench: install venv-triton
 	MEDEDGE_TRITON_VENV=$(TRITON_VENV) $(VENV)/bin/mededge bench serve --work $(WORK)/bench
+	$(VENV)/bin/mededge bench dicom --work $(WORK)/bench-dicom
+	$(VENV)/bin/mededge bench ttr --work $(WORK)/bench-ttr
+	@if [ -f $(WORK)/models/nodule_det/mededge.yaml ]; then \
+		$(VENV)/bin/mededge bench detect --repo $(WORK)/models --model nodule_det \
+			--out $(WORK)/bench/bench_detect.json; \
+	else echo "bench detect: no detector in $(WORK)/models (run make demo first)"; fi
 
 clean:
 	rm -rf $(WORK) .pytest_cache
