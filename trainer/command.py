@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 #: Per task: (epochs, samples per epoch, batch size, learning rate, input size, widths). Sized
 #: so each model trains in a few minutes on an idle 2-core CPU on `make demo` data
 #: (docs/training.md has the measurements: the 2.5D classifier, 87 s at load ~1; twice the
-#: epochs overfit).
+#: epochs were no better on validation).
 DEFAULTS = {
     "classify": (10, 1024, 32, 3e-3, 256, "16,32,64"),
     "segment": (12, 1024, 16, 3e-3, 128, "16,32,64,128"),
@@ -32,11 +32,12 @@ DEFAULTS = {
 CLASSIFY_CROP, CLASSIFY_HEAD_STRIDE, MIN_VISIBLE_MM = 128, 4, 3.0
 #: Classifier: 2.5D input, the volume 4 and 8 mm above and below each slice
 #: (PreprocessSpec.context_slices / context_spacing_mm), and where negative windows are drawn
-#: (trainer/classify.py: crop_origins). Chosen on validation (docs/training.md: run c4).
+#: (trainer/classify.py: crop_origins). Chosen on validation (docs/training.md: run c8).
 CLASSIFY_CONTEXT, CLASSIFY_CONTEXT_MM, CLASSIFY_NEGATIVES = 2, 4.0, "lung"
 NEGATIVE_MODES = ("lung", "lung-border")
-#: Classifier: gate the nodule evidence by a predicted lung map (trainer/models.py).
-CLASSIFY_LUNG_GATE = True
+#: Classifier: gate the nodule evidence by a predicted lung map (trainer/models.py); no better
+#: on the larger validation set (docs/training.md), so off by default.
+CLASSIFY_LUNG_GATE = False
 
 #: Tasks trained by their own modules (trainer/detect_train.py, trainer/train3d.py).
 OTHER_TASKS = ("detect", "segment3d")
