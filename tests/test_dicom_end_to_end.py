@@ -188,6 +188,38 @@ def test_series_pushed_with_storescu_comes_back_as_seg_and_sr(work: Path, pacs: 
     assert server.process.returncode == 0, server.log.read_text()[-3000:]
 
 
+def test_a_positive_series_with_a_heatmap_finishes_and_delivers_it(work: Path,
+                                                                   pacs: Orthanc) -> None:
+    """A classifier with a ``cam`` output and a threshold every series passes: the heatmap
+    (pipeline.cam_output sc, the default) is recorded, delivered beside the SEG and SR, and the
+    job finishes (a ledger that refused the heatmap's kind once left such series unfinished)."""
+    repo = build_repository(work / "repo-cam", work / "models-cam", cam=True,
+                            nodule_threshold=0.0)
+    files = ct_files(work, 1)
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    server = Serve.start(repo, work / "data-cam", f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}")
+    try:
+        sent = subprocess.run(
+            [str(STORESCU), "-aec", "MEDEDGE", "-v", "127.0.0.1", str(server.ports["dicom"]),
+             *map(str, files)], env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True,
+            text=True, timeout=60)
+        assert sent.stderr.count("Received Store Response (Success)") == len(files), sent.stderr
+        deadline = time.monotonic() + 30
+        while (job := _grpc_job(server.ports["grpc"], series_uid)).state != "done" or any(
+                d.state != "done" for d in job.deliveries):
+            assert job.state != "failed", job
+            assert time.monotonic() < deadline, f"job not finished: {job}"
+            time.sleep(0.1)
+        kinds = sorted(d.kind for d in job.deliveries)
+        assert kinds == ["sc", "seg", "sr"], kinds
+        cam_uid = ledger_rows(work / "data-cam",
+                              "SELECT sop_instance_uid FROM results WHERE kind = 'sc'")[0][0]
+        assert pacs.find_instance(str(cam_uid)), "the heatmap is not at the PACS"
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log.read_text()[-3000:]
+
+
 def _grpc_job(port: int, series_uid: str):  # type: ignore[no-untyped-def]
     import grpc
 

@@ -25,7 +25,7 @@ from edge.ingest import ReceivedInstance
 from edge.ingest.spool import OutOfResourcesError, Spool
 from edge.ingest.uids import InstanceIdentity
 
-SCHEMA_VERSION = 2  # 2: run state 'skipped', runs.fingerprint
+SCHEMA_VERSION = 3  # 2: run state 'skipped', runs.fingerprint; 3: result kinds 'sc', 'pm'
 
 
 class InstanceState(str, enum.Enum):
@@ -63,6 +63,16 @@ class DeliveryState(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"  # will be retried at next_attempt_at
     DEAD = "dead"  # gave up: dead letter
+
+
+class ResultKind(str, enum.Enum):
+    """What a result file is."""
+
+    SEG = "seg"  # DICOM Segmentation
+    SR = "sr"  # TID 1500 structured report
+    JSON = "json"
+    SC = "sc"  # class-activation map as a Secondary Capture overlay
+    PM = "pm"  # class-activation map as a Parametric Map
 
 
 def _check(column: str, states: type[enum.Enum]) -> str:
@@ -112,7 +122,7 @@ CREATE INDEX IF NOT EXISTS runs_state ON runs (state);
 CREATE TABLE IF NOT EXISTS results (
     result_id           INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id              INTEGER NOT NULL REFERENCES runs (run_id),
-    kind                TEXT NOT NULL CHECK (kind IN ('seg', 'sr', 'json')),
+    kind                TEXT NOT NULL {_check("kind", ResultKind)},
     sop_instance_uid    TEXT,  -- of the result object, when it is DICOM
     path                TEXT NOT NULL,
     created_at          REAL NOT NULL
@@ -155,6 +165,24 @@ INSERT INTO runs_v2 (run_id, series_instance_uid, sop_instance_uid, pipeline, mo
 DROP TABLE runs;
 ALTER TABLE runs_v2 RENAME TO runs;
 CREATE INDEX IF NOT EXISTS runs_state ON runs (state);
+"""
+
+#: Version 2 -> 3: results may also be class-activation maps ('sc', 'pm'); the CHECK constraint
+#: changes, so the table is rebuilt (its ids, which deliveries reference, are kept).
+_MIGRATE_2_TO_3 = f"""
+CREATE TABLE results_v3 (
+    result_id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id              INTEGER NOT NULL REFERENCES runs (run_id),
+    kind                TEXT NOT NULL {_check("kind", ResultKind)},
+    sop_instance_uid    TEXT,
+    path                TEXT NOT NULL,
+    created_at          REAL NOT NULL
+);
+INSERT INTO results_v3 (result_id, run_id, kind, sop_instance_uid, path, created_at)
+    SELECT result_id, run_id, kind, sop_instance_uid, path, created_at FROM results;
+DROP TABLE results;
+ALTER TABLE results_v3 RENAME TO results;
+CREATE INDEX IF NOT EXISTS results_run ON results (run_id);
 """
 
 
@@ -223,23 +251,26 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
+            if version not in (0, 1, 2, SCHEMA_VERSION):
                 raise LedgerError(f"{self.path}: schema version {version}, "
                                   f"expected {SCHEMA_VERSION} or older")
             if version == 1:
-                self._migrate_from_1()
+                self._migrate(_MIGRATE_1_TO_2, 2)
+                version = 2
+            if version == 2:
+                self._migrate(_MIGRATE_2_TO_3, 3)
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: {exc}") from exc
 
-    def _migrate_from_1(self) -> None:
-        """Rebuild ``runs`` for schema 2 in one transaction (foreign keys off meanwhile, as
-        SQLite's ALTER TABLE procedure asks). Raises: sqlite3.DatabaseError."""
+    def _migrate(self, script: str, version: int) -> None:
+        """Run one schema step that rebuilds a table, in one transaction (foreign keys off
+        meanwhile, as SQLite's ALTER TABLE procedure asks). Raises: sqlite3.DatabaseError."""
         self._db.execute("PRAGMA foreign_keys=OFF")
         try:
-            self._db.executescript("BEGIN IMMEDIATE;" + _MIGRATE_1_TO_2
-                                   + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            self._db.executescript("BEGIN IMMEDIATE;" + script
+                                   + f"PRAGMA user_version={version}; COMMIT;")
         except sqlite3.DatabaseError:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")

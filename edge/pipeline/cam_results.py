@@ -83,7 +83,10 @@ def cam_results(results: Iterator[ResultFile], folder: Path, runs: Mapping[str, 
     """
     for result in results:
         yield result
-        run = runs.get(result.model.name)
+        # The classifier's run: an SR that also reports a segmentation belongs to the
+        # segmenter (result.model), the verdict and its heatmap to the classifier.
+        classifier = result.classification.model if result.classification else result.model
+        run = runs.get(classifier.name)
         if (output is CamOutput.NONE or result.kind != "sr" or not result.positive
                 or run is None or "cam" not in run.sidecar.postprocess):
             continue

@@ -76,8 +76,8 @@ class ModelRun:
 class ResultFile:
     """One written result object."""
 
-    kind: str  # "seg" or "sr"
-    model: ModelId
+    kind: str  # "seg", "sr", or a heatmap's "sc" / "pm"
+    model: ModelId  # the run that owns the object (a combined SR: the segmenter)
     path: Path
     sop_instance_uid: str
     probability: float | None = None  # the series classification the SR reports, if any

@@ -4,6 +4,8 @@ time-to-result bench and demos; the same models as the DICOM-path tests use.
 - ``nodule_cls`` (classify): image FP32 [N,1,64,64] (window -500/1000) -> ``probabilities``
   [N,2] = softmax of (-8 m + 4, 8 m - 4) where m is the mean windowed intensity, so brighter
   slices (more soft tissue) lean to ``nodule``.
+  With ``cam``, a second output ``cam`` [N,1,64,64] (the windowed image itself) stands in for
+  a class-activation map, so the pipeline's heatmap objects can be exercised.
 - ``lung_seg`` (segment): image FP32 [N,1,64,64] -> ``logits`` [N,3,64,64]: ``lung`` wins
   where the windowed intensity lies in (0.05, 0.5) (HU about -950 to -500: lung parenchyma),
   ``background`` elsewhere; ``nodule`` never wins.
@@ -46,16 +48,20 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def classifier(path: Path) -> Path:
+def classifier(path: Path, cam: bool = False) -> Path:
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, SIZE, SIZE])
-    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])
+    y = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])]
     inits = [numpy_helper.from_array(np.array([[-8.0, 8.0]], np.float32), "w"),
              numpy_helper.from_array(np.array([4.0, -4.0], np.float32), "b")]
     nodes = [helper.make_node("GlobalAveragePool", ["image"], ["m"]),
              helper.make_node("Flatten", ["m"], ["f"]),
              helper.make_node("Gemm", ["f", "w", "b"], ["z"]),
              helper.make_node("Softmax", ["z"], ["probabilities"], axis=1)]
-    return _save(helper.make_graph(nodes, "nodule_cls", [x], [y], inits), path)
+    if cam:
+        inits.append(numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+        nodes.append(helper.make_node("Mul", ["image", "one"], ["cam"]))
+        y.append(helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 1, SIZE, SIZE]))
+    return _save(helper.make_graph(nodes, "nodule_cls", [x], y, inits), path)
 
 
 def segmenter(path: Path) -> Path:
@@ -76,16 +82,23 @@ def segmenter(path: Path) -> Path:
     return _save(helper.make_graph(nodes, "lung_seg", [x], [y], inits), path)
 
 
-def build_repository(repo: Path, work: Path) -> Path:
-    """Publish ``nodule_cls`` and ``lung_seg`` (version 1) into ``repo``; return ``repo``."""
+def build_repository(repo: Path, work: Path, cam: bool = False,
+                     nodule_threshold: float = 0.5) -> Path:
+    """Publish ``nodule_cls`` and ``lung_seg`` (version 1) into ``repo``; return ``repo``.
+    ``cam``: the classifier also has a ``cam`` output named in its sidecar."""
     applicability = Applicability(modality=("CT",), body_part=("CHEST",))
-    cls_config = parse_model_config(CONFIG.format(name="nodule_cls", size=SIZE,
-                                                  output="probabilities", dims="[2]"))
-    publish_version(repo, "nodule_cls", {"model.onnx": classifier(work / "cls.onnx")},
-                    cls_config, Sidecar(
+    config_text = CONFIG.format(name="nodule_cls", size=SIZE, output="probabilities",
+                                dims="[2]")
+    postprocess = {"activation": "none", "output": "probabilities"}
+    if cam:
+        config_text += (f'output {{ name: "cam" data_type: TYPE_FP32 '
+                        f'dims: [1, {SIZE}, {SIZE}] }}\n')
+        postprocess["cam"] = "cam"
+    publish_version(repo, "nodule_cls", {"model.onnx": classifier(work / "cls.onnx", cam)},
+                    parse_model_config(config_text), Sidecar(
                         task=Task.CLASSIFY, labels=("no_nodule", "nodule"), preprocess=SPEC,
-                        applicability=applicability, thresholds={"nodule": 0.5},
-                        postprocess={"activation": "none", "output": "probabilities"}))
+                        applicability=applicability,
+                        thresholds={"nodule": nodule_threshold}, postprocess=postprocess))
     seg_config = parse_model_config(CONFIG.format(name="lung_seg", size=SIZE, output="logits",
                                                   dims=f"[3, {SIZE}, {SIZE}]"))
     publish_version(repo, "lung_seg", {"model.onnx": segmenter(work / "seg.onnx")},
