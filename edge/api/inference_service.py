@@ -140,7 +140,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             config.parameters[SIDECAR_PARAMETER].string_value = json.dumps({
                 "task": sidecar.task.value, "labels": list(sidecar.labels),
                 "preprocess": sidecar.preprocess.to_dict(),
-                "thresholds": dict(sidecar.thresholds)})
+                "thresholds": dict(sidecar.thresholds),
+                "postprocess": dict(sidecar.postprocess)})
         return inference_pb2.ModelConfigResponse(config=config)
 
     def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -114,14 +114,36 @@ def start_serve(repo: Path, data: Path, destination: str | None,
     return process, json.loads(ports_file.read_text())
 
 
+#: storescu's option proposing a compressed transfer syntax as it is (by default storescu
+#: proposes only uncompressed ones and converts, which it cannot do for these).
+STORESCU_SYNTAX_OPTIONS = {
+    "1.2.840.10008.1.2.5": "-xr",  # RLE Lossless
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG Lossless, first-order prediction
+}
+
+
+def storescu_syntax_options(files: list[Path]) -> list[str]:
+    """storescu options that send ``files`` in their own transfer syntaxes (a synthetic
+    series is written in one; several are combined with ``+C``)."""
+    syntaxes = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+                for f in files}
+    options = sorted({STORESCU_SYNTAX_OPTIONS[s] for s in syntaxes
+                      if s in STORESCU_SYNTAX_OPTIONS})
+    return options + ["+C"] if len(options) > 1 else options
+
+
 def push(files: list[Path], port: int) -> float:
-    """Send ``files`` with storescu; return the monotonic time it finished.
+    """Send ``files`` with storescu, each in its own transfer syntax; return the monotonic
+    time it finished.
 
     Raises: RuntimeError (not every file was stored)."""
     if shutil.which(STORESCU) is None:
         raise RuntimeError(f"{STORESCU} is not installed (Debian package dcmtk)")
-    sent = subprocess.run([STORESCU, "-v", "-aec", "MEDEDGE", "127.0.0.1", str(port),
-                           *map(str, files)], env={**os.environ, "TCP_NODELAY": "1"},
+    sent = subprocess.run([STORESCU, "-v", *storescu_syntax_options(files), "-aec", "MEDEDGE",
+                           "127.0.0.1", str(port), *map(str, files)],
+                          env={**os.environ, "TCP_NODELAY": "1"},
                           capture_output=True, text=True, check=False)
     done = time.monotonic()
     stored = sent.stderr.count("Received Store Response (Success)")

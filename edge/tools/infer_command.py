@@ -39,7 +39,8 @@ def _sidecar(args: argparse.Namespace, client: Any) -> dict[str, Any] | None:
         if sidecar is None:
             return None
         return {"task": sidecar.task.value, "labels": list(sidecar.labels),
-                "preprocess": sidecar.preprocess.to_dict()}
+                "preprocess": sidecar.preprocess.to_dict(),
+                "postprocess": dict(sidecar.postprocess)}
     config = client.get_model_config(args.model, args.version).config
     if SIDECAR_PARAMETER not in config.parameters:
         return None
@@ -90,10 +91,15 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def describe(output: np.ndarray, sidecar: dict[str, Any] | None) -> str:
-    """A human-readable summary of the first item of a model output."""
+def describe(output: np.ndarray, sidecar: dict[str, Any] | None, name: str = "") -> str:
+    """A human-readable summary of the first item of a model output. Only the output the
+    sidecar's postprocess names (``output``; any, when it names none) is read as the task's
+    answer; others (a class-activation map, detector heads) get their shape and range."""
     item = output[0]
     task = (sidecar or {}).get("task")
+    answer = ((sidecar or {}).get("postprocess") or {}).get("output")
+    if answer and name and name != answer:
+        task = None
     labels = list((sidecar or {}).get("labels") or [])
     if task == "classify":
         flat = item.reshape(-1).astype(np.float64)
@@ -156,5 +162,5 @@ def run(args: argparse.Namespace) -> int:
     for output in meta["outputs"]:
         values = result.as_numpy(output["name"])
         print(f"{output['name']} {list(values.shape)}:")
-        print(describe(values, sidecar))
+        print(describe(values, sidecar, output["name"]))
     return 0

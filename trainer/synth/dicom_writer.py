@@ -198,7 +198,8 @@ def projection(phantom: Phantom) -> tuple[np.ndarray, float]:
     mu = np.clip(phantom.hu.astype(np.float32) / 1000.0 + 1.0, 0.0, None)  # relative to water
     path = mu.sum(axis=1) * (0.02 * g.pixel_spacing)  # (z, x), water 0.2 / cm
     path = path[::-1]  # superior first
-    zoom = g.slice_spacing / g.pixel_spacing
+    # at least one row: a few thin slices at a coarse pixel size would otherwise zoom to none
+    zoom = max(g.slice_spacing / g.pixel_spacing, 1.0 / path.shape[0])
     path = ndimage.zoom(path, (zoom, 1.0), order=1)
     top = float(np.percentile(path, 99.9)) or 1.0
     image = np.clip(path / top, 0.0, 1.0) ** 0.8 * 4095.0

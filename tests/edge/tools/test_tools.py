@@ -120,3 +120,15 @@ def test_config_check_names_the_bad_key(tmp_path: Path, capsys) -> None:
     bad.write_text("grpc:\n  max_message_bytes: 10\n")
     assert main(["config", "check", str(bad)]) == 2
     assert "grpc.max_message_bytes" in capsys.readouterr().err
+
+
+def test_infer_reads_only_the_answer_output_as_the_task() -> None:
+    """A classifier's CAM output is summarised, not read as 65,536 class probabilities."""
+    from edge.tools.infer_command import describe
+
+    sidecar = {"task": "classify", "labels": ["no_nodule", "nodule"],
+               "postprocess": {"output": "logits", "cam": "cam"}}
+    answer = describe(np.array([[0.0, 2.0]], np.float32), sidecar, "logits")
+    assert "nodule: 0.8808" in answer
+    cam = describe(np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 1, 8, 8), sidecar, "cam")
+    assert cam.strip().startswith("shape [1, 1, 8, 8]") and "class" not in cam
