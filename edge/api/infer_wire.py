@@ -43,15 +43,6 @@ class WireInferRequest:
     message: inference_pb2.ModelInferRequest
     raw: tuple[memoryview, ...]
 
-    @classmethod
-    def of(cls, message: inference_pb2.ModelInferRequest) -> WireInferRequest:
-        """Wrap a parsed message (the streaming path and tests); raw entries are moved out."""
-        raw = tuple(memoryview(b) for b in message.raw_input_contents)
-        rest = inference_pb2.ModelInferRequest()
-        rest.CopyFrom(message)
-        rest.ClearField("raw_input_contents")
-        return cls(rest, raw)
-
 
 @dataclass(frozen=True)
 class WireInferResponse:
@@ -60,13 +51,6 @@ class WireInferResponse:
 
     message: inference_pb2.ModelInferResponse
     raw: tuple[np.ndarray, ...]
-
-    def to_message(self) -> inference_pb2.ModelInferResponse:
-        """The full protobuf message (copies the outputs)."""
-        full = inference_pb2.ModelInferResponse()
-        full.CopyFrom(self.message)
-        full.raw_output_contents.extend(a.tobytes() for a in self.raw)
-        return full
 
 
 def _varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:

@@ -10,13 +10,20 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from edge.api.infer_wire import (
-    WireInferRequest,
     WireInferResponse,
     parse_infer_request,
     serialize_infer_response,
     serialize_stream_response,
 )
 from edge.protos import inference_pb2
+
+
+def _full(wire: WireInferResponse) -> inference_pb2.ModelInferResponse:
+    """The response as protobuf itself would carry it (raw outputs inside the message)."""
+    full = inference_pb2.ModelInferResponse()
+    full.CopyFrom(wire.message)
+    full.raw_output_contents.extend(np.ascontiguousarray(a).tobytes() for a in wire.raw)
+    return full
 
 
 def _request() -> inference_pb2.ModelInferRequest:
@@ -76,13 +83,6 @@ def test_malformed_encodings_raise_decode_error(data: bytes) -> None:
         parse_infer_request(data)
 
 
-def test_of_moves_the_raw_contents_out() -> None:
-    full = _request()
-    wire = WireInferRequest.of(full)
-    assert [bytes(v) for v in wire.raw] == list(full.raw_input_contents)
-    assert not wire.message.raw_input_contents and wire.message.id == "r-7"
-
-
 def test_response_serialization_equals_the_full_message() -> None:
     message = inference_pb2.ModelInferResponse(model_name="seg", model_version="3", id="q")
     arrays = (np.linspace(0, 1, 300, dtype=np.float32).reshape(3, 100),
@@ -92,7 +92,7 @@ def test_response_serialization_equals_the_full_message() -> None:
         message.outputs.add(name=f"o{i}", datatype="FP32").shape.extend(a.shape)
     wire = WireInferResponse(message, arrays)
     parsed = inference_pb2.ModelInferResponse.FromString(serialize_infer_response(wire))
-    assert parsed == wire.to_message()
+    assert parsed == _full(wire)
     assert list(parsed.raw_output_contents) == [np.ascontiguousarray(a).tobytes()
                                                 for a in arrays]
 
@@ -103,7 +103,7 @@ def test_stream_answer_nests_the_response_and_errors_pass_through() -> None:
     message.outputs.add(name="y", datatype="FP32").shape.append(1000)
     wire = WireInferResponse(message, arrays)
     parsed = inference_pb2.ModelStreamInferResponse.FromString(serialize_stream_response(wire))
-    assert parsed.infer_response == wire.to_message() and not parsed.error_message
+    assert parsed.infer_response == _full(wire) and not parsed.error_message
     error = inference_pb2.ModelStreamInferResponse(error_message="model 'x' not found")
     assert serialize_stream_response(error) == error.SerializeToString()
 
