@@ -11,7 +11,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edge.cli import main as cli
 from edge.preprocess.imaging import PreprocessSpec
 from trainer.classify import ClassifyHooks, crop_origins, sigmoid_focal_loss
 from trainer.datasets import IGNORED_LABEL, load_synthetic, visible_nodule_labels
@@ -20,12 +19,9 @@ from trainer.export import export_onnx
 from trainer.models import ModelSpec, build_model
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "data"
-    assert cli(["synth", "--out", str(out), "--studies", "3", "--seed", "5", "--size", "64",
-                "--slices-min", "8", "--slices-max", "10", "--quiet"]) == 0
-    return out
+@pytest.fixture()
+def synth(small_synth: Path) -> Path:
+    return small_synth  # tests/conftest.py: made once per session, only read here
 
 
 def test_visible_rule_positive_negative_ignored() -> None:

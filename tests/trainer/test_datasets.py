@@ -13,7 +13,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from edge.cli import main as cli
 from edge.core.errors import DataError
 from edge.preprocess.context import stack_context
 from edge.preprocess.dicom_pixels import decode
@@ -25,12 +24,9 @@ from trainer.datasets.masks import combine_lung_nodule, fit_mask, read_nifti_sli
 SPEC = PreprocessSpec(height=32, width=32, window_center=-600, window_width=1500)
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "data"
-    assert cli(["synth", "--out", str(out), "--studies", "3", "--seed", "5", "--size", "64",
-                "--slices-min", "8", "--slices-max", "10", "--quiet"]) == 0
-    return out
+@pytest.fixture()
+def synth(small_synth: Path) -> Path:
+    return small_synth  # tests/conftest.py: made once per session, only read here
 
 
 def _manifest(data: Path) -> dict:
