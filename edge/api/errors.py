@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from edge.api.auth import AuthenticationError, PermissionDeniedError
+from edge.api.shared_memory import SharedMemoryExistsError, SharedMemoryNotFoundError
 from edge.core import errors
 from edge.jobs.queries import SeriesNotFoundError
 
@@ -28,6 +29,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (SeriesNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (SharedMemoryNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (SharedMemoryExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),
     (errors.InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -22,11 +22,19 @@ import grpc
 from google.protobuf import json_format, text_format
 
 import edge
+from edge.api.auth import PermissionDeniedError
 from edge.api.errors import status_for
 from edge.api.infer_wire import WireInferRequest, WireInferResponse
 from edge.api.metrics import RequestCounters
+from edge.api.shared_memory import SharedMemoryRegistry
 from edge.api.statistics import model_statistics_proto, served_models
-from edge.api.tensor_codec import decode_inputs, encode_outputs
+from edge.api.tensor_codec import (
+    ShmPlacement,
+    check_output_placement,
+    decode_inputs,
+    encode_outputs,
+    shm_placement,
+)
 from edge.core.errors import DeadlineExceededError, InvalidInputError
 from edge.core.types import InferenceRequest, InferenceResponse
 from edge.protos import inference_pb2, inference_pb2_grpc, model_config_pb2
@@ -38,7 +46,8 @@ if TYPE_CHECKING:
 
 #: ModelConfig parameter carrying the sidecar's task, labels and preprocessing as JSON.
 SIDECAR_PARAMETER = "mededge.sidecar"
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy",
+              "system_shared_memory")
 #: Extra wait past a request's deadline before the front end gives up on the scheduler.
 _DEADLINE_GRACE_S = 1.0
 
@@ -89,15 +98,20 @@ class _Submitted:
     future: Future[InferenceResponse]
     deadline: float | None
     outputs: tuple[str, ...]
+    placements: dict[str, ShmPlacement]
     started_ns: int
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """KServe v2 RPCs served from a :class:`ModelManager`."""
 
-    def __init__(self, manager: ModelManager, counters: RequestCounters) -> None:
+    def __init__(self, manager: ModelManager, counters: RequestCounters,
+                 shared_memory: SharedMemoryRegistry | None = None) -> None:
+        """``shared_memory`` None turns the system shared-memory extension off (its RPCs and
+        tensors placed in shared memory are then refused with INVALID_ARGUMENT)."""
         self._manager = manager
         self._counters = counters
+        self._shm = shared_memory
 
     # --- health and metadata ----------------------------------------------------------------
 
@@ -180,6 +194,34 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._manager.unload(request.model_name)
         return inference_pb2.RepositoryModelUnloadResponse()
 
+    # --- system shared memory --------------------------------------------------------------
+
+    def _registry(self) -> SharedMemoryRegistry:
+        if self._shm is None:
+            raise InvalidInputError("system shared memory is not enabled on this server "
+                                    "(grpc.shared_memory)")
+        return self._shm
+
+    def SystemSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        response = inference_pb2.SystemSharedMemoryStatusResponse()
+        for region in self._registry().status(request.name):
+            status = response.regions[region.name]
+            status.name, status.key = region.name, region.key
+            status.offset, status.byte_size = region.offset, region.byte_size
+        return response
+
+    def SystemSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not is_local_peer(context.peer()):
+            raise PermissionDeniedError(
+                f"shared memory region {request.name!r}: registration is only accepted from "
+                f"this host (peer {context.peer()})")
+        self._registry().register(request.name, request.key, request.offset, request.byte_size)
+        return inference_pb2.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._registry().unregister(request.name)
+        return inference_pb2.SystemSharedMemoryUnregisterResponse()
+
     # --- inference --------------------------------------------------------------------------
 
     def ModelInfer(self, request: WireInferRequest, context: grpc.ServicerContext
@@ -254,12 +296,18 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         message = request.message
         requested = tuple(o.name for o in message.outputs)
         known = [spec.name for spec in model.outputs]
+        placements: dict[str, ShmPlacement] = {}
         try:
-            inputs = decode_inputs(message, request.raw)
-            for name in requested:
+            inputs = decode_inputs(message, request.raw, self._shm)
+            for output in message.outputs:
+                name = output.name
                 if name not in known:
                     raise InvalidInputError(
                         f"model {model.id.name!r} has no output {name!r} (outputs: {known})")
+                placement = shm_placement(output.parameters, f"output {name!r}")
+                if placement is not None:
+                    check_output_placement(name, placement, self._shm)
+                    placements[name] = placement
             deadline = _deadline(message, context)
             future = model.submit(InferenceRequest(
                 model=model.id.name, inputs=inputs, version=model.id.version,
@@ -269,7 +317,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             # The scheduler counts rejections for a full queue, not for invalid input.
             self._counters.refuse(model.id.name, str(model.id.version))
             raise
-        return _Submitted(request, model, future, deadline, requested or tuple(known), started)
+        return _Submitted(request, model, future, deadline, requested or tuple(known),
+                          placements, started)
 
     def _finish(self, submitted: _Submitted) -> WireInferResponse:
         """Wait for the result and build the response.
@@ -290,8 +339,19 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         response = inference_pb2.ModelInferResponse(
             model_name=result.model.name, model_version=str(result.model.version),
             id=submitted.request.message.id)
-        return WireInferResponse(response, encode_outputs(response, result.outputs,
-                                                          submitted.outputs))
+        return WireInferResponse(response, encode_outputs(
+            response, result.outputs, submitted.outputs, submitted.placements, self._shm))
+
+
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``,
+    ``unix:/path``) is a process on this host: only those can share memory with the server."""
+    kind, _, address = peer.partition(":")
+    if kind == "unix":
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return (kind == "ipv4" and host.startswith("127.")) or (
+        kind == "ipv6" and host in ("::1", "::ffff:127.0.0.1"))
 
 
 def _state(entry: Any) -> str:

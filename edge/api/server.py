@@ -26,6 +26,7 @@ from edge.api.inference_service import InferenceServicer
 from edge.api.jobs_service import JobsServicer
 from edge.api.metrics import MetricsExporter, RequestCounters
 from edge.api.sd_notify import Watchdog, service_ready, service_stopping
+from edge.api.shared_memory import SharedMemoryRegistry
 from edge.api.statistics import model_figures
 from edge.core.config import Settings
 from edge.dispatch.retry import RetryPolicy
@@ -74,8 +75,9 @@ class EdgeServer:
         self._dicom = dicom
         jobs = JobsServicer(lambda: self.orchestrator) if dicom else None
         tokens = TokenStore.from_settings(settings.auth)
-        self._grpc = GrpcServer(InferenceServicer(self.manager, self.counters), settings.grpc,
-                                jobs, tokens)
+        shared_memory = SharedMemoryRegistry() if settings.grpc.shared_memory else None
+        self._grpc = GrpcServer(InferenceServicer(self.manager, self.counters, shared_memory),
+                                settings.grpc, jobs, tokens)
         exporter = MetricsExporter(lambda: model_figures(self.manager, self.counters),
                                    self.counters, extra=self.pipeline_metrics.exposition)
         self._http = HttpServer(exporter, self.manager.ready, settings.http, tokens)

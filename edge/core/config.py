@@ -123,6 +123,8 @@ class GrpcSettings(_Section):
     tls: ServerTlsSettings = ServerTlsSettings()
     require_token: bool = False  # every call but public_methods needs a bearer token
     public_methods: tuple[str, ...] = PUBLIC_GRPC_METHODS  # full names or "/service/" prefixes
+    # KServe v2 system shared memory (same-host clients pass tensors through /dev/shm)
+    shared_memory: bool = True
 
 
 class HttpSettings(_Section):
