@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 
 #: ModelConfig parameter carrying the sidecar's task, labels and preprocessing as JSON.
 SIDECAR_PARAMETER = "mededge.sidecar"
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy",
-              "system_shared_memory")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy")
+SHARED_MEMORY_EXTENSION = "system_shared_memory"
 #: Extra wait past a request's deadline before the front end gives up on the scheduler.
 _DEADLINE_GRACE_S = 1.0
 
@@ -126,8 +126,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return inference_pb2.ModelReadyResponse(ready=ready)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        extensions = EXTENSIONS + ((SHARED_MEMORY_EXTENSION,) if self._shm is not None else ())
         return inference_pb2.ServerMetadataResponse(
-            name="mededge", version=edge.__version__, extensions=EXTENSIONS)
+            name="mededge", version=edge.__version__, extensions=extensions)
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self._manager.get(request.name, parse_version(request.version))

@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--rounds", type=int, default=3,
                        help="interleaved rounds (raw, mededge, Triton); medians reported")
     serve.add_argument("--no-triton", action="store_true", help="skip the Triton reference")
-    serve.add_argument("--no-streaming", action="store_true",
-                       help="drive the servers over ModelInfer only (not ModelStreamInfer too)")
+    serve.add_argument("--transports", default="unary,stream,shm",
+                       help="comma-separated: unary (ModelInfer), stream (ModelStreamInfer), "
+                            "shm (ModelInfer with tensors in system shared memory)")
     dicom = sub.add_parser("dicom", help="DICOM receive: mededge vs storescp, Orthanc, pynetdicom")
     dicom.add_argument("--work", type=Path, default=Path("work/bench-dicom"),
                        help="folder for the images, the received files and the table")
@@ -92,9 +93,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"mededge bench serve: unknown model(s) {unknown}; choose from "
               f"{sorted(bench_serve.MODELS)}")
         return 2
+    transports = tuple(t.strip() for t in args.transports.split(",") if t.strip())
+    if not transports or set(transports) - set(bench_serve.TRANSPORTS):
+        print(f"mededge bench serve: --transports {args.transports!r}; choose from "
+              f"{list(bench_serve.TRANSPORTS)}")
+        return 2
     return bench_serve.main(args.work, models, args.batch, args.clients, args.seconds,
-                            args.threads, not args.no_triton, args.rounds,
-                            not args.no_streaming)
+                            args.threads, not args.no_triton, args.rounds, transports)
 
 
 def _run_dicom(args: argparse.Namespace) -> int:

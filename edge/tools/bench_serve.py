@@ -10,7 +10,10 @@ Per model, in rounds whose order rotates (raw, mededge, Triton; mededge, Triton,
   with ``max_batch_size`` 8 and a dynamic batcher without queue delay, driven by gRPC clients
   in separate *processes* (their GIL is not the server's) that send one encoded KServe v2
   request back to back, as Triton's perf_analyzer does: one client for batch-1 latency,
-  ``clients`` clients for throughput.
+  ``clients`` clients for throughput. Three transports (``TRANSPORTS``): ModelInfer calls with
+  the tensor in the message; one ModelStreamInfer stream per client; ModelInfer calls whose
+  input and output lie in system shared memory (perf_analyzer's ``--shared-memory system``:
+  each client registers its two regions and writes its input into them once).
 
 Both servers' answers are checked against raw ONNX Runtime's (with tritonclient) before any
 timing. Figures are
@@ -19,6 +22,7 @@ medians over the rounds; the load average of the machine is recorded with them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -55,8 +59,12 @@ MAX_BATCH = 8
 #: Appended to the bench models' config.pbtxt: the same batching as Triton's bench config.
 DYNAMIC_BATCHING = "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
 RAW, MEDEDGE, TRITON = "onnxruntime (raw)", "mededge", "triton (pytriton)"
-#: The same servers driven over ModelStreamInfer (one stream per client).
-MEDEDGE_STREAM, TRITON_STREAM = f"{MEDEDGE}, streaming", f"{TRITON}, streaming"
+#: How the clients send: tensors in ModelInfer messages, on one ModelStreamInfer stream per
+#: client, or in system shared memory (ModelInfer naming registered regions).
+UNARY, STREAM, SHM = "unary", "stream", "shm"
+TRANSPORTS = (UNARY, STREAM, SHM)
+_ROW_SUFFIX = {UNARY: "", STREAM: ", streaming", SHM: ", shared memory"}
+_METHOD = "/inference.GRPCInferenceService/"
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,13 @@ class BenchModel:
     input: str
     output: str
     shape: tuple[int, ...]  # without the batch axis
+    output_shape: tuple[int, ...] = ()  # without the batch axis; needed for shared memory
+
+    def output_bytes(self, batch: int) -> int:
+        """FP32 bytes of the output for ``batch`` items."""
+        if not self.output_shape:
+            raise ValueError(f"{self.name}: output_shape unknown (needed for shared memory)")
+        return batch * int(np.prod(self.output_shape)) * 4
 
 
 @dataclass(frozen=True)
@@ -88,8 +103,9 @@ class Result:
 
 #: name -> (its builder in edge.tools.bench_models, its tensors)
 MODELS: dict[str, tuple[str, BenchModel]] = {
-    "resnet18": ("resnet18", BenchModel("resnet18", "input", "logits", (3, 224, 224))),
-    "unet2d": ("unet2d", BenchModel("unet2d", "image", "logits", (1, 256, 256)))}
+    "resnet18": ("resnet18", BenchModel("resnet18", "input", "logits", (3, 224, 224), (1000,))),
+    "unet2d": ("unet2d", BenchModel("unet2d", "image", "logits", (1, 256, 256),
+                                    (2, 256, 256)))}
 
 
 def _percentiles(latencies: list[float]) -> tuple[float, float]:
@@ -139,24 +155,73 @@ def bench_raw(sess: Any, spec: BenchModel, seconds: float, max_batch: int) -> Re
 
 # --- gRPC clients in processes --------------------------------------------------------------
 
-def encoded_request(spec: BenchModel, x: np.ndarray) -> bytes:
-    """A KServe v2 ModelInferRequest for ``x``, encoded once: what a load generator sends."""
+def encoded_request(spec: BenchModel, x: np.ndarray,
+                    regions: tuple[str, str] | None = None) -> bytes:
+    """A KServe v2 ModelInferRequest for ``x``, encoded once: what a load generator sends.
+    With ``regions`` (input region, output region) the tensors are placed in those registered
+    shared-memory regions instead of the message."""
     from edge.protos import inference_pb2
 
     request = inference_pb2.ModelInferRequest(model_name=spec.name)
     tensor = request.inputs.add(name=spec.input, datatype="FP32")
     tensor.shape.extend(x.shape)
-    request.outputs.add(name=spec.output)
-    request.raw_input_contents.append(x.tobytes())
+    output = request.outputs.add(name=spec.output)
+    if regions is None:
+        request.raw_input_contents.append(x.tobytes())
+    else:
+        for params, region, size in ((tensor.parameters, regions[0], x.nbytes),
+                                     (output.parameters, regions[1],
+                                      spec.output_bytes(len(x)))):
+            params["shared_memory_region"].string_param = region
+            params["shared_memory_byte_size"].int64_param = size
     return request.SerializeToString()
 
 
+class _SharedMemoryRegions:
+    """A client's input and output regions: POSIX shared memory made with tritonclient's
+    utilities, registered with the server over gRPC; the input written once."""
+
+    def __init__(self, channel: Any, spec: BenchModel, x: np.ndarray) -> None:
+        from tritonclient.utils import shared_memory
+
+        from edge.protos import inference_pb2
+
+        self._shm = shared_memory
+        self._channel = channel
+        self.names = (f"bench-{os.getpid()}-in", f"bench-{os.getpid()}-out")
+        self._handles = []
+        register = channel.unary_unary(
+            _METHOD + "SystemSharedMemoryRegister",
+            request_serializer=inference_pb2.SystemSharedMemoryRegisterRequest.SerializeToString,
+            response_deserializer=inference_pb2.SystemSharedMemoryRegisterResponse.FromString)
+        for name, size in zip(self.names, (x.nbytes, spec.output_bytes(len(x))), strict=True):
+            self._handles.append(shared_memory.create_shared_memory_region(name, "/" + name,
+                                                                           size))
+            register(inference_pb2.SystemSharedMemoryRegisterRequest(
+                name=name, key="/" + name, byte_size=size))
+        shared_memory.set_shared_memory_region(self._handles[0], [x])
+
+    def close(self) -> None:
+        from edge.protos import inference_pb2
+
+        unregister = self._channel.unary_unary(
+            _METHOD + "SystemSharedMemoryUnregister",
+            request_serializer=inference_pb2.SystemSharedMemoryUnregisterRequest.SerializeToString,
+            response_deserializer=inference_pb2.SystemSharedMemoryUnregisterResponse.FromString)
+        for name, handle in zip(self.names, self._handles, strict=False):
+            try:
+                unregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name=name))
+            finally:
+                self._shm.destroy_shared_memory_region(handle)
+
+
 def _client(url: str, spec: BenchModel, batch: int, start_at: float, seconds: float,
-            out: Any, stream: bool = False) -> None:
-    """One load-generating client: sends the same encoded ModelInfer request back to back,
-    one in flight, and decodes each answer (as Triton's perf_analyzer prepares its requests
-    once); over ModelInfer calls, or as messages on one ModelStreamInfer stream (``stream``,
-    perf_analyzer's ``--streaming``). The servers' answers were checked against raw ONNX
+            out: Any, transport: str = UNARY) -> None:
+    """One load-generating client: sends the same encoded request back to back, one in
+    flight, and decodes each answer (as Triton's perf_analyzer prepares its requests once):
+    over ModelInfer calls (UNARY), as messages on one ModelStreamInfer stream (STREAM,
+    perf_analyzer's ``--streaming``), or over ModelInfer with input and output in this
+    client's shared-memory regions (SHM). The servers' answers were checked against raw ONNX
     Runtime before (verify_server). Puts the latencies on ``out``, or the error as a string.
     """
     import grpc
@@ -167,14 +232,17 @@ def _client(url: str, spec: BenchModel, batch: int, start_at: float, seconds: fl
     limit = 1 << 30
     channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", limit),
                                                   ("grpc.max_receive_message_length", limit)])
-    request = encoded_request(spec, x)
+    regions = None
     try:
-        infer = _streaming_infer(channel, request) if stream else partial(
-            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+        if transport == SHM:
+            regions = _SharedMemoryRegions(channel, spec, x)
+        request = encoded_request(spec, x, regions.names if regions else None)
+        infer = _streaming_infer(channel, request) if transport == STREAM else partial(
+            channel.unary_unary(_METHOD + "ModelInfer",
                                 response_deserializer=inference_pb2.ModelInferResponse.FromString),
             request)
         for _ in range(2):
-            infer()
+            _check_answer(infer(), spec, transport)
         time.sleep(max(0.0, start_at - time.time()))
         latencies = []
         end = time.perf_counter() + seconds
@@ -182,13 +250,25 @@ def _client(url: str, spec: BenchModel, batch: int, start_at: float, seconds: fl
             t = time.perf_counter()
             response = infer()
             latencies.append(time.perf_counter() - t)
-            if len(response.raw_output_contents) != 1:
-                raise RuntimeError(f"answer without its output {spec.output!r}")
+            _check_answer(response, spec, transport)
         out.put(latencies)
     except Exception as exc:  # the bench reports it instead of waiting for a silent client
-        out.put(f"{'stream' if stream else 'unary'} client: {exc}")
+        out.put(f"{transport} client: {exc}")
     finally:
+        if regions is not None:
+            regions.close()
         channel.close()
+
+
+def _check_answer(response: Any, spec: BenchModel, transport: str) -> None:
+    """Raises RuntimeError when the answer lacks its output (in the message, or described
+    with its bytes left in shared memory)."""
+    if [o.name for o in response.outputs] != [spec.output]:
+        raise RuntimeError(f"answer without its output {spec.output!r}")
+    carried = [len(raw) for raw in response.raw_output_contents]
+    if (transport == SHM and any(carried)) or (transport != SHM and carried == [0] * len(carried)):
+        raise RuntimeError(f"answer of {spec.output!r}: {carried} bytes in the message over "
+                           f"{transport}")
 
 
 def _streaming_infer(channel: Any, request: bytes) -> Callable[[], Any]:
@@ -215,7 +295,7 @@ def _streaming_infer(channel: Any, request: bytes) -> Callable[[], Any]:
 
 
 def drive(url: str, spec: BenchModel, batch: int, clients: int, seconds: float,
-          stream: bool = False) -> tuple[list[float], float]:
+          transport: str = UNARY) -> tuple[list[float], float]:
     """Run ``clients`` client processes for ``seconds``; (all latencies, items per second).
 
     Raises:
@@ -224,7 +304,8 @@ def drive(url: str, spec: BenchModel, batch: int, clients: int, seconds: float,
     ctx = mp.get_context("spawn")
     out: Any = ctx.Queue()
     start_at = time.time() + 4.0 + 0.5 * clients  # time for the processes to import and warm
-    procs = [ctx.Process(target=_client, args=(url, spec, batch, start_at, seconds, out, stream))
+    procs = [ctx.Process(target=_client, args=(url, spec, batch, start_at, seconds, out,
+                                                    transport))
              for _ in range(clients)]
     for p in procs:
         p.start()
@@ -279,20 +360,20 @@ def _batch_counts(client: Any, name: str) -> tuple[int, int] | None:
 
 
 def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: int,
-                 seconds: float, stream: bool = False) -> Result:
+                 seconds: float, transport: str = UNARY) -> Result:
     """Batch-1 latency with one client, then throughput with ``clients``; a client failure
     becomes the row's note (not timed)."""
     from edge.tools.triton_client import grpcclient
 
     client = grpcclient().InferenceServerClient(url)
     try:
-        one, _ = drive(url, spec, 1, 1, seconds, stream)
+        one, _ = drive(url, spec, 1, 1, seconds, transport)
     except RuntimeError as exc:
         client.close()
         return Result(spec.name, system, note=f"failed: {exc}")
     p50, p99 = _percentiles(one)
     before = _batch_counts(client, spec.name)
-    _, throughput = drive(url, spec, batch, clients, seconds, stream)
+    _, throughput = drive(url, spec, batch, clients, seconds, transport)
     after = _batch_counts(client, spec.name)
     mean_batch = None
     if before is not None and after is not None and after[1] > before[1]:
@@ -327,6 +408,53 @@ def verify_server(system: str, url: str, spec: BenchModel, sess: Any) -> None:
             expected = sess.run([spec.output], {spec.input: x})[0]
             check_outputs(system, infer, x, expected)
     finally:
+        client.close()
+
+
+def verify_shared_memory(system: str, url: str, spec: BenchModel, sess: Any) -> None:
+    """Batch 3 with input and output in system shared memory (tritonclient's utilities) must
+    equal raw ONNX Runtime's output.
+
+    Raises:
+        OutputMismatch: the server refused shared memory, or the region holds other values.
+    """
+    from tritonclient.utils import shared_memory
+
+    from edge.tools.triton_client import grpcclient
+
+    client_mod = grpcclient()
+    client = client_mod.InferenceServerClient(url)
+    x = np.random.default_rng(3).random((3, *spec.shape), dtype=np.float32)
+    expected = sess.run([spec.output], {spec.input: x})[0]
+    names = (f"verify-{os.getpid()}-in", f"verify-{os.getpid()}-out")
+    sizes = (x.nbytes, spec.output_bytes(len(x)))
+    handles = [shared_memory.create_shared_memory_region(n, "/" + n, s)
+               for n, s in zip(names, sizes, strict=True)]
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        shared_memory.set_shared_memory_region(handles[0], [batch])
+        inp = client_mod.InferInput(spec.input, list(batch.shape), "FP32")
+        inp.set_shared_memory(names[0], sizes[0])
+        out = client_mod.InferRequestedOutput(spec.output)
+        out.set_shared_memory(names[1], sizes[1])
+        client.infer(spec.name, [inp], outputs=[out])
+        return shared_memory.get_contents_as_numpy(
+            handles[1], np.float32, [len(batch), *spec.output_shape]).copy()
+
+    try:
+        for name, key, size in zip(names, names, sizes, strict=True):
+            client.register_system_shared_memory(name, "/" + key, size)
+        check_outputs(f"{system}, shared memory", infer, x, expected)
+    except OutputMismatch:
+        raise
+    except Exception as exc:  # tritonclient's InferenceServerException
+        raise OutputMismatch(f"{system}: shared memory refused: {exc}") from exc
+    finally:
+        for name in names:
+            with contextlib.suppress(Exception):
+                client.unregister_system_shared_memory(name)
+        for handle in handles:
+            shared_memory.destroy_shared_memory_region(handle)
         client.close()
 
 
@@ -385,8 +513,9 @@ def _write_models(repo: Path, names: list[str]) -> list[tuple[Path, BenchModel]]
 
 
 def _start_reference(venv: Path, path: Path, spec: BenchModel, threads: int, work: Path,
-                     sess: Any) -> tuple[TritonServer | None, str]:
-    """Triton for one model, checked against raw outputs; (server or None, note)."""
+                     sess: Any, transports: tuple[str, ...]) -> tuple[TritonServer | None, str]:
+    """Triton for one model, checked against raw outputs (also through shared memory when
+    that transport is measured); (server or None, note)."""
     try:
         server = start_triton(venv, path, spec.name, spec.input, spec.output, threads,
                               MAX_BATCH, work / "triton" / spec.name, dict(SESSION_CONFIG))
@@ -395,6 +524,8 @@ def _start_reference(venv: Path, path: Path, spec: BenchModel, threads: int, wor
         return None, f"unavailable: {exc}"
     try:
         verify_server(TRITON, server.url, spec, sess)
+        if SHM in transports:
+            verify_shared_memory(TRITON, server.url, spec, sess)
     except OutputMismatch as exc:
         server.stop()
         log.error("Triton FAILED the output check: %s", exc)
@@ -404,7 +535,7 @@ def _start_reference(venv: Path, path: Path, spec: BenchModel, threads: int, wor
 
 def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: int,
                  seconds: float, threads: int, triton: Path | None, rounds: int, work: Path,
-                 loads: list[float], streaming: bool = True) -> list[Result]:
+                 loads: list[float], transports: tuple[str, ...] = TRANSPORTS) -> list[Result]:
     """Raw, mededge and Triton on one model (each server over ModelInfer and, with
     ``streaming``, over ModelStreamInfer), in rounds of rotating order; the medians.
 
@@ -413,19 +544,20 @@ def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: in
     """
     sess = session(path, threads)
     verify_server(MEDEDGE, url, spec, sess)
+    if SHM in transports:
+        verify_shared_memory(MEDEDGE, url, spec, sess)
     server, note = (None, "skipped (--no-triton)") if triton is None else \
-        _start_reference(triton, path, spec, threads, work, sess)
-    servers = [(MEDEDGE, MEDEDGE_STREAM, url)]
+        _start_reference(triton, path, spec, threads, work, sess, transports)
+    servers = [(MEDEDGE, url)]
     if server is not None:
-        servers.append((TRITON, TRITON_STREAM, server.url))
+        servers.append((TRITON, server.url))
     measures: dict[str, Callable[[], Result]] = {
         RAW: partial(bench_raw, sess, spec, seconds, MAX_BATCH)}
-    for unary_name, stream_name, server_url in servers:
-        measures[unary_name] = partial(bench_server, unary_name, server_url, spec, batch,
-                                       clients, seconds)
-        if streaming:
-            measures[stream_name] = partial(bench_server, stream_name, server_url, spec, batch,
-                                            clients, seconds, stream=True)
+    for system, server_url in servers:
+        for transport in transports:
+            name = system + _ROW_SUFFIX[transport]
+            measures[name] = partial(bench_server, name, server_url, spec, batch, clients,
+                                     seconds, transport)
     rows: dict[str, list[Result]] = {name: [] for name in measures}
     order = list(measures)
     try:
@@ -447,8 +579,8 @@ def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: in
 
 
 def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: float,
-              threads: int, triton: Path | None, rounds: int = 3, streaming: bool = True
-              ) -> tuple[list[Result], str]:
+              threads: int, triton: Path | None, rounds: int = 3,
+              transports: tuple[str, ...] = TRANSPORTS) -> tuple[list[Result], str]:
     """Measure every model; (median results, load note). ``triton``: the Triton venv or None.
 
     Raises:
@@ -461,7 +593,7 @@ def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: 
     try:
         for path, spec in specs:
             results += _bench_model(path, spec, url, batch, clients, seconds, threads, triton,
-                                    rounds, work, loads, streaming)
+                                    rounds, work, loads, transports)
     finally:
         stop_group(proc)
     load = (f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run"
@@ -506,7 +638,8 @@ def triton_venv() -> Path:
 
 
 def main(work: Path, models: list[str], batch: int, clients: int, seconds: float,
-         threads: int, triton: bool, rounds: int = 3, streaming: bool = True) -> int:
+         threads: int, triton: bool, rounds: int = 3,
+         transports: tuple[str, ...] = TRANSPORTS) -> int:
     """Run the bench, print the table and write it (markdown and JSON) under ``work``.
 
     ``threads`` 0 means one intra-op thread per CPU, given explicitly to every system.
@@ -516,7 +649,7 @@ def main(work: Path, models: list[str], batch: int, clients: int, seconds: float
     work.mkdir(parents=True, exist_ok=True)
     try:
         results, load = run_bench(work, models, batch, clients, seconds, threads,
-                                  triton_venv() if triton else None, rounds, streaming)
+                                  triton_venv() if triton else None, rounds, transports)
     except OutputMismatch as exc:
         print(f"mededge bench serve: {exc}")
         return 1
@@ -528,7 +661,9 @@ def main(work: Path, models: list[str], batch: int, clients: int, seconds: float
               f"dynamic batching, max_batch_size {MAX_BATCH}, no queue delay; clients are "
               f"separate processes, one request in flight each (one encoded KServe v2 request sent "
               f"back to back over ModelInfer, or on one ModelStreamInfer stream per client for "
-              f"the 'streaming' rows; answers checked with tritonclient first).\n\n")
+              f"the 'streaming' rows, or over ModelInfer with input and output in the client's "
+              f"registered system shared-memory regions, input written once, for the 'shared "
+              f"memory' rows; answers checked with tritonclient first).\n\n")
     (work / "bench_serve.md").write_text(header + table)
     (work / "bench_serve.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print(header + table)

@@ -29,7 +29,8 @@ import numpy as np
 #: max_batch_size (default 8) and session config entries as JSON. Same session options as
 #: mededge's backend and the raw reference: intra-op ``threads``, inter-op 1, ORT_ENABLE_ALL,
 #: the config entries (no spinning), CPU provider. Triton's dynamic batcher with
-#: no queue delay, as mededge's bench config. ``tests/edge/backends/test_remote_kserve.py`` runs
+#: no queue delay, as mededge's bench config. No endpoint restricted by token (shared memory
+#: and statistics open, as on mededge). ``tests/edge/backends/test_remote_kserve.py`` runs
 #: it too (with the mededge venv's python).
 TRITON_SCRIPT = """
 import os, sys, sysconfig
@@ -60,7 +61,14 @@ def dims(values, wanted):
 def infer(**inputs):
     return {out: session.run([out], {inp: inputs[inp]})[0]}
 config = TritonConfig(grpc_port=int(port), http_port=int(port) + 1, metrics_port=int(port) + 2)
-with Triton(config=config) as triton:
+# pytriton >= 0.7 puts shared memory and statistics behind a generated token by default; the
+# bench's clients use both, as they do with mededge, so nothing is restricted (loopback only)
+try:
+    from pytriton.triton import TritonSecurityConfig
+    security = {"security_config": TritonSecurityConfig(restricted_endpoints=[])}
+except ImportError:
+    security = {}
+with Triton(config=config, **security) as triton:
     triton.bind(model_name=name, infer_func=infer,
                 inputs=[Tensor(name=inp, dtype=np.float32, shape=dims(graph.input, inp))],
                 outputs=[Tensor(name=out, dtype=np.float32, shape=dims(graph.output, out))],

@@ -127,6 +127,7 @@ def test_streaming_with_shared_memory(client, grpcclient, shm, regions, onnx_mod
 
 
 def test_status_and_unregister(client, regions) -> None:
+    assert "system_shared_memory" in client.get_server_metadata().extensions
     in_name = regions["in"][0]
     status = client.get_system_shared_memory_status(in_name)
     region = status.regions[in_name]
@@ -196,3 +197,39 @@ def test_errors_name_the_region_or_tensor_and_serving_goes_on(
     ("ipv6:[::ffff:127.0.0.1]:9", True)])
 def test_only_local_peers_may_register(peer: str, local: bool) -> None:
     assert is_local_peer(peer) is local
+
+
+def test_switched_off_it_is_refused_and_not_advertised(tmp_path, grpcclient, shm) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    from edge.api.server import EdgeServer
+    from edge.core.config import load_settings
+    from tests.edge.api.conftest import SEG_CONFIG, _save, seg_model
+
+    _save(seg_model(), tmp_path / "repo" / "seg" / "1" / "model.onnx")
+    (tmp_path / "repo" / "seg" / "config.pbtxt").write_text(SEG_CONFIG)
+    settings = load_settings(None, {
+        "server": {"bind": "127.0.0.1", "grpc_port": 0, "http_port": 0,
+                   "model_repository": str(tmp_path / "repo"),
+                   "data_dir": str(tmp_path / "data")},
+        "grpc": {"shared_memory": False},
+        "backend": {"providers": ["CPUExecutionProvider"], "intra_op_threads": 1}}, environ={})
+    server = EdgeServer(settings)
+    server.start()
+    key = f"/mededge-test-off-{uuid.uuid4().hex[:8]}"
+    handle = shm.create_shared_memory_region("off", key, 256)
+    try:
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}") as client:
+            assert "system_shared_memory" not in client.get_server_metadata().extensions
+            with pytest.raises(InferenceServerException) as exc:
+                client.register_system_shared_memory("off", key, 256)
+            assert _code(exc) == "StatusCode.INVALID_ARGUMENT"
+            assert "grpc.shared_memory" in exc.value.message()
+            image = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
+            image.set_shared_memory("off", 256)
+            with pytest.raises(InferenceServerException) as exc:
+                client.infer("seg", [image])
+            assert _code(exc) == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        shm.destroy_shared_memory_region(handle)
+        server.stop(5.0)

@@ -15,6 +15,8 @@ import pytest
 from edge.tools.bench_serve import (
     MEDEDGE,
     RAW,
+    SHM,
+    STREAM,
     TRITON,
     BenchModel,
     Result,
@@ -24,6 +26,7 @@ from edge.tools.bench_serve import (
     encoded_request,
     markdown,
     start_mededge,
+    verify_shared_memory,
 )
 from edge.tools.bench_triton import (
     OutputMismatch,
@@ -129,7 +132,7 @@ def _probe_model(repo: Path) -> BenchModel:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     write_model(repo, "probe", model)
-    return BenchModel("probe", "input", "logits", (3, 8, 8))
+    return BenchModel("probe", "input", "logits", (3, 8, 8), (3,))
 
 
 def test_encoded_request_is_a_kserve_request_for_the_tensor() -> None:
@@ -160,15 +163,50 @@ def test_streaming_clients_drive_a_real_mededge_server_and_errors_surface(tmp_pa
     spec = _probe_model(tmp_path / "repo")
     proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
     try:
-        latencies, _ = drive(url, spec, batch=1, clients=2, seconds=0.5, stream=True)
+        latencies, _ = drive(url, spec, batch=1, clients=2, seconds=0.5, transport=STREAM)
         assert latencies
         missing = BenchModel("absent", "input", "logits", (3, 8, 8))
         with pytest.raises(RuntimeError, match="absent"):  # the server's NOT_FOUND message
-            drive(url, missing, batch=1, clients=1, seconds=0.5, stream=True)
+            drive(url, missing, batch=1, clients=1, seconds=0.5, transport=STREAM)
         result = bench_server(MEDEDGE, url, missing, 1, 1, 0.5)
         assert result.p50_ms is None and "failed" in result.note
     finally:
         stop_group(proc)
+
+
+def test_shared_memory_clients_drive_a_real_mededge_server(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    spec = _probe_model(tmp_path / "repo")
+    proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
+    try:
+        verify_shared_memory(MEDEDGE, url, spec, ort.InferenceSession(
+            str(tmp_path / "repo" / "probe" / "1" / "model.onnx"),
+            providers=["CPUExecutionProvider"]))
+        latencies, _ = drive(url, spec, batch=2, clients=2, seconds=0.5, transport=SHM)
+        assert latencies
+        wrong = BenchModel("probe", "input", "logits", (3, 8, 8), (2,))  # region too small
+        with pytest.raises(RuntimeError, match="does not fit|do not fit"):
+            drive(url, wrong, batch=1, clients=1, seconds=0.5, transport=SHM)
+    finally:
+        stop_group(proc)
+    leftovers = [p.name for p in Path("/dev/shm").glob("bench-*")]
+    assert not leftovers, f"regions left behind: {leftovers}"
+
+
+def test_a_shared_memory_request_names_its_regions() -> None:
+    from edge.protos import inference_pb2
+
+    spec = BenchModel("m", "image", "out", (2, 3), (5,))
+    x = np.zeros((4, 2, 3), np.float32)
+    request = inference_pb2.ModelInferRequest.FromString(encoded_request(spec, x, ("i", "o")))
+    assert not request.raw_input_contents
+    params = request.inputs[0].parameters
+    assert (params["shared_memory_region"].string_param,
+            params["shared_memory_byte_size"].int64_param) == ("i", x.nbytes)
+    out = request.outputs[0].parameters
+    assert (out["shared_memory_region"].string_param,
+            out["shared_memory_byte_size"].int64_param) == ("o", 4 * 5 * 4)
 
 
 def test_a_client_that_dies_without_reporting_is_an_error_not_a_wait() -> None:
