@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from model_factory import served  # noqa: E402
 
 from edge.postprocess.sliding_window import (  # noqa: E402
     WindowSpec,
+    batch_sizes,
     importance_map,
     measure_overhead,
     sliding_window_inference,
@@ -149,6 +151,69 @@ def test_tiled_conv_matches_whole_image_and_batches_through_the_scheduler(
         model.close()
 
 
+def test_batches_are_even_and_the_smaller_go_first() -> None:
+    assert batch_sizes(9, 8) == [4, 5]
+    assert batch_sizes(9, 4) == [3, 3, 3]
+    assert batch_sizes(16, 8) == [8, 8]
+    assert batch_sizes(100, 8) == [7] * 4 + [8] * 9
+    assert batch_sizes(3, 1) == [1, 1, 1]
+    assert batch_sizes(1, 8) == [1]
+
+
+def _naive_blend(image: np.ndarray, model: Callable[[np.ndarray], np.ndarray],
+                 window: WindowSpec) -> np.ndarray:
+    """The definition: every window's output times the importance map, summed, divided by the
+    summed map, one window at a time (no padding: ``image`` fits whole windows)."""
+    s = window.output_stride
+    weights = importance_map([w // s for w in window.size], window.blend, window.sigma_scale)
+    total = np.zeros([n // s for n in image.shape[1:]], np.float64)
+    acc: np.ndarray | None = None
+    for origin in tile_origins(image.shape[1:], window):
+        cut = tuple(slice(o, o + w) for o, w in zip(origin, window.size, strict=True))
+        out = model(image[(slice(None),) + cut][None])[0].astype(np.float64)
+        if acc is None:
+            acc = np.zeros((out.shape[0],) + total.shape)
+        cells = tuple(slice(o // s, o // s + w // s) for o, w in
+                      zip(origin, window.size, strict=True))
+        acc[(slice(None),) + cells] += out * weights
+        total[cells] += weights
+    assert acc is not None
+    return acc / total
+
+
+@pytest.mark.parametrize("size, stride, max_batch", [((64, 64), 4, 3), ((32, 48), 1, 8),
+                                                     ((16, 16, 16), 2, 5)])
+def test_blending_matches_the_definition(size: tuple[int, ...], stride: int,
+                                         max_batch: int) -> None:
+    rng = np.random.default_rng(3)
+    kernel = rng.normal(size=(2, 3) + (stride,) * len(size)).astype(np.float32)
+    calls: list[int] = []
+
+    def pooled(batch: np.ndarray) -> np.ndarray:  # a position-dependent, strided model
+        calls.append(batch.shape[0])
+        b, c = batch.shape[:2]
+        shape = [b, c]
+        for n in batch.shape[2:]:
+            shape += [n // stride, stride]
+        blocks = batch.reshape(shape)
+        letters = "defg"[:len(size)]
+        spec = "bc" + "".join(f"{x}{x.upper()}" for x in letters)
+        return np.einsum(f"{spec},oc{''.join(x.upper() for x in letters)}->bo{letters}",
+                         blocks, kernel).astype(np.float32)
+
+    def submit(batch: np.ndarray) -> Future[np.ndarray]:
+        future: Future[np.ndarray] = Future()
+        future.set_result(pooled(batch))
+        return future
+
+    spatial = tuple(2 * n + 8 * stride for n in size)
+    image = rng.normal(size=(3,) + spatial).astype(np.float32)
+    window = WindowSpec(size, overlap=0.3, output_stride=stride, max_batch=max_batch)
+    got = sliding_window_inference(image, submit, window)
+    assert sum(calls) == len(tile_origins(spatial, window)) and max(calls) <= max_batch
+    np.testing.assert_allclose(got, _naive_blend(image, pooled, window), rtol=1e-5, atol=1e-5)
+
+
 def test_plain_submit_callable_with_output_stride_and_named_outputs() -> None:
     def submit(batch: np.ndarray) -> Future[dict[str, np.ndarray]]:
         future: Future[dict[str, np.ndarray]] = Future()
@@ -174,10 +239,11 @@ def test_overhead_helper_runs_and_reports(tmp_path: Path) -> None:
     try:
         image = rng.normal(size=(1, 512, 512)).astype(np.float32)
         report = measure_overhead(image, model, WindowSpec((256, 256), overlap=0.5), repeats=2)
-        assert report.tiles == 9 and report.batches == 3
-        assert report.raw_s > 0 and report.sliding_s > 0
+        assert report.tiles == 9 and report.batches == (3, 3, 3) and report.repeats == 2
+        assert report.raw_s > 0 and report.sliding_s > 0 and report.raw_median_s >= report.raw_s
         print(f"sliding-window overhead over raw tile compute: {report.fraction:+.1%} "
-              f"({report.sliding_s * 1e3:.1f} ms vs {report.raw_s * 1e3:.1f} ms, "
-              f"{report.tiles} tiles in {report.batches} batches)")
+              f"(fixed cost {report.fixed_s * 1e3:.1f} ms per call; best "
+              f"{report.sliding_s * 1e3:.1f} ms vs {report.raw_s * 1e3:.1f} ms, "
+              f"{report.tiles} tiles in {report.batches})")
     finally:
         model.close()
