@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--rounds", type=int, default=3,
                        help="interleaved rounds (raw, mededge, Triton); medians reported")
     serve.add_argument("--no-triton", action="store_true", help="skip the Triton reference")
-    serve.add_argument("--transports", default="unary,stream,shm",
+    serve.add_argument("--transports", default="unary,stream,shm,stream+shm",
                        help="comma-separated: unary (ModelInfer), stream (ModelStreamInfer), "
-                            "shm (ModelInfer with tensors in system shared memory)")
+                            "shm (ModelInfer with tensors in system shared memory), stream+shm")
     dicom = sub.add_parser("dicom", help="DICOM receive: mededge vs storescp, Orthanc, pynetdicom")
     dicom.add_argument("--work", type=Path, default=Path("work/bench-dicom"),
                        help="folder for the images, the received files and the table")

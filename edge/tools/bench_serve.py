@@ -10,10 +10,10 @@ Per model, in rounds whose order rotates (raw, mededge, Triton; mededge, Triton,
   with ``max_batch_size`` 8 and a dynamic batcher without queue delay, driven by gRPC clients
   in separate *processes* (their GIL is not the server's) that send one encoded KServe v2
   request back to back, as Triton's perf_analyzer does: one client for batch-1 latency,
-  ``clients`` clients for throughput. Three transports (``TRANSPORTS``): ModelInfer calls with
-  the tensor in the message; one ModelStreamInfer stream per client; ModelInfer calls whose
-  input and output lie in system shared memory (perf_analyzer's ``--shared-memory system``:
-  each client registers its two regions and writes its input into them once).
+  ``clients`` clients for throughput. Four transports (``TRANSPORTS``): ModelInfer calls with
+  the tensor in the message; one ModelStreamInfer stream per client; and each of those with
+  input and output in system shared memory (perf_analyzer's ``--shared-memory system``: each
+  client registers its two regions and writes its input into them once).
 
 Both servers' answers are checked against raw ONNX Runtime's (with tritonclient) before any
 timing. Figures are
@@ -61,9 +61,11 @@ DYNAMIC_BATCHING = "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
 RAW, MEDEDGE, TRITON = "onnxruntime (raw)", "mededge", "triton (pytriton)"
 #: How the clients send: tensors in ModelInfer messages, on one ModelStreamInfer stream per
 #: client, or in system shared memory (ModelInfer naming registered regions).
-UNARY, STREAM, SHM = "unary", "stream", "shm"
-TRANSPORTS = (UNARY, STREAM, SHM)
-_ROW_SUFFIX = {UNARY: "", STREAM: ", streaming", SHM: ", shared memory"}
+UNARY, STREAM, SHM, STREAM_SHM = "unary", "stream", "shm", "stream+shm"
+TRANSPORTS = (UNARY, STREAM, SHM, STREAM_SHM)
+_ROW_SUFFIX = {UNARY: "", STREAM: ", streaming", SHM: ", shared memory",
+               STREAM_SHM: ", streaming + shared memory"}
+_SHARED = (SHM, STREAM_SHM)
 _METHOD = "/inference.GRPCInferenceService/"
 
 
@@ -220,8 +222,8 @@ def _client(url: str, spec: BenchModel, batch: int, start_at: float, seconds: fl
     """One load-generating client: sends the same encoded request back to back, one in
     flight, and decodes each answer (as Triton's perf_analyzer prepares its requests once):
     over ModelInfer calls (UNARY), as messages on one ModelStreamInfer stream (STREAM,
-    perf_analyzer's ``--streaming``), or over ModelInfer with input and output in this
-    client's shared-memory regions (SHM). The servers' answers were checked against raw ONNX
+    perf_analyzer's ``--streaming``), or either with input and output in this client's
+    shared-memory regions (SHM, STREAM_SHM). The servers' answers were checked against raw ONNX
     Runtime before (verify_server). Puts the latencies on ``out``, or the error as a string.
     """
     import grpc
@@ -234,10 +236,11 @@ def _client(url: str, spec: BenchModel, batch: int, start_at: float, seconds: fl
                                                   ("grpc.max_receive_message_length", limit)])
     regions = None
     try:
-        if transport == SHM:
+        if transport in _SHARED:
             regions = _SharedMemoryRegions(channel, spec, x)
         request = encoded_request(spec, x, regions.names if regions else None)
-        infer = _streaming_infer(channel, request) if transport == STREAM else partial(
+        streaming = transport in (STREAM, STREAM_SHM)
+        infer = _streaming_infer(channel, request) if streaming else partial(
             channel.unary_unary(_METHOD + "ModelInfer",
                                 response_deserializer=inference_pb2.ModelInferResponse.FromString),
             request)
@@ -266,7 +269,8 @@ def _check_answer(response: Any, spec: BenchModel, transport: str) -> None:
     if [o.name for o in response.outputs] != [spec.output]:
         raise RuntimeError(f"answer without its output {spec.output!r}")
     carried = [len(raw) for raw in response.raw_output_contents]
-    if (transport == SHM and any(carried)) or (transport != SHM and carried == [0] * len(carried)):
+    shared = transport in _SHARED
+    if (shared and any(carried)) or (not shared and carried == [0] * len(carried)):
         raise RuntimeError(f"answer of {spec.output!r}: {carried} bytes in the message over "
                            f"{transport}")
 
@@ -524,7 +528,7 @@ def _start_reference(venv: Path, path: Path, spec: BenchModel, threads: int, wor
         return None, f"unavailable: {exc}"
     try:
         verify_server(TRITON, server.url, spec, sess)
-        if SHM in transports:
+        if set(_SHARED) & set(transports):
             verify_shared_memory(TRITON, server.url, spec, sess)
     except OutputMismatch as exc:
         server.stop()
@@ -544,7 +548,7 @@ def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: in
     """
     sess = session(path, threads)
     verify_server(MEDEDGE, url, spec, sess)
-    if SHM in transports:
+    if set(_SHARED) & set(transports):
         verify_shared_memory(MEDEDGE, url, spec, sess)
     server, note = (None, "skipped (--no-triton)") if triton is None else \
         _start_reference(triton, path, spec, threads, work, sess, transports)

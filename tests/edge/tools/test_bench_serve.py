@@ -17,6 +17,7 @@ from edge.tools.bench_serve import (
     RAW,
     SHM,
     STREAM,
+    STREAM_SHM,
     TRITON,
     BenchModel,
     Result,
@@ -184,6 +185,8 @@ def test_shared_memory_clients_drive_a_real_mededge_server(tmp_path: Path) -> No
             str(tmp_path / "repo" / "probe" / "1" / "model.onnx"),
             providers=["CPUExecutionProvider"]))
         latencies, _ = drive(url, spec, batch=2, clients=2, seconds=0.5, transport=SHM)
+        assert latencies
+        latencies, _ = drive(url, spec, batch=1, clients=1, seconds=0.5, transport=STREAM_SHM)
         assert latencies
         wrong = BenchModel("probe", "input", "logits", (3, 8, 8), (2,))  # region too small
         with pytest.raises(RuntimeError, match="does not fit|do not fit"):
