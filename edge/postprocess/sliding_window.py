@@ -15,11 +15,12 @@ starts are then multiples of the stride and the map has ``ceil(size / stride)`` 
 
 Cost. Everything that does not depend on the pixels (window slices, output cells, the importance
 map and the reciprocal of the summed weights) is planned once per (shape, window, batch) and
-cached, so blending is one weighted add per window and one multiply at the end. Each batch is
-cut with one copy per window into its own contiguous array; the batches are as even as the
-batch limit allows, smallest first (9 windows at most 8 a batch go as 4 + 5, not 8 + 1), so the
-model starts on a small first batch while the next is cut, and the last one's blending is
-short. Cutting (a copy of every window) is then the main fixed cost.
+cached; all outputs are blended in one array, so blending is one weighted add per window and
+one multiply at the end. Each batch is cut with one copy per window into its own contiguous
+array. The batches are as even as the batch limit allows, smallest first (9 windows at most 8
+a batch go as 4 + 5, not 8 + 1): the model starts on a small first batch while the next is cut,
+and the last one's blending is short. Cutting (a copy of every window, memory-bound) is then
+most of the fixed cost.
 """
 
 from __future__ import annotations
@@ -249,23 +250,57 @@ def _cut(image: np.ndarray, plan: _TilePlan, tiles: range) -> np.ndarray:
     return batch
 
 
-def _blend(sums: dict[str, np.ndarray], result: Any, tiles: range, plan: _TilePlan,
-           outputs: Sequence[str] | None) -> None:
-    """Add each window's outputs, weighted, into ``sums`` (one float32 map per output)."""
-    named = _outputs(result)
-    for name in outputs if outputs is not None else named:
-        out = named[name]
-        if out.ndim != len(plan.size) + 2 or out.shape[0] != len(tiles) \
-                or out.shape[2:] != plan.out_window:
-            raise ValueError(f"sliding window: output {name!r} has shape {out.shape}, expected "
-                             f"({len(tiles)}, C, {', '.join(map(str, plan.out_window))})")
-        acc = sums.get(name)
-        if acc is None:
-            acc = sums[name] = np.zeros((out.shape[1],) + plan.grid, np.float32)
-        weighted = np.multiply(out, plan.weights, dtype=np.float32)
+class _Blend:
+    """The running Gaussian-weighted sum of a model's outputs over the grid: every output in one
+    float32 ``(C_total, *grid)`` array, so each window is one weighted add whatever the number
+    of outputs (a detector's three heads), and the normalisation one multiply at the end."""
+
+    def __init__(self, plan: _TilePlan, outputs: Sequence[str] | None) -> None:
+        self._plan = plan
+        self._wanted = None if outputs is None else tuple(outputs)
+        self._channels: dict[str, slice] = {}
+        self._sum: np.ndarray | None = None
+
+    def add(self, result: Any, tiles: range) -> None:
+        """Weight the outputs of the windows ``tiles`` and add them in their cells.
+
+        Raises:
+            ValueError: an output is not ``(len(tiles), C, *window / stride)``, or its channel
+                count changed from the first batch's.
+        """
+        plan = self._plan
+        named = _outputs(result)
+        wanted = self._wanted if self._wanted is not None else tuple(named)
+        heads = [named[name] for name in wanted]
+        for name, out in zip(wanted, heads, strict=True):
+            if out.ndim != len(plan.size) + 2 or out.shape[0] != len(tiles) \
+                    or out.shape[2:] != plan.out_window:
+                raise ValueError(f"sliding window: output {name!r} has shape {out.shape}, "
+                                 f"expected ({len(tiles)}, C, "
+                                 f"{', '.join(map(str, plan.out_window))})")
+        if self._sum is None:
+            bounds = list(itertools.accumulate((out.shape[1] for out in heads), initial=0))
+            self._channels = {name: slice(a, b) for name, a, b in
+                              zip(wanted, bounds[:-1], bounds[1:], strict=True)}
+            self._sum = np.zeros((bounds[-1],) + plan.grid, np.float32)
+        weighted = np.empty((len(tiles), self._sum.shape[0]) + plan.out_window, np.float32)
+        for name, out in zip(wanted, heads, strict=True):
+            channels = self._channels[name]
+            if out.shape[1] != channels.stop - channels.start:
+                raise ValueError(f"sliding window: output {name!r} has {out.shape[1]} channels, "
+                                 f"{channels.stop - channels.start} in the first batch")
+            np.multiply(out, plan.weights, out=weighted[:, channels])
         for k, tile in enumerate(tiles):
-            cells = acc[plan.cells[tile]]
+            cells = self._sum[plan.cells[tile]]
             np.add(cells, weighted[k], out=cells)
+
+    def maps(self, crop: tuple[slice, ...]) -> dict[str, np.ndarray]:
+        """Each output's blended map over the cells ``crop`` (views of one array)."""
+        if self._sum is None:
+            return {}
+        blended = self._sum[(slice(None),) + crop]
+        np.multiply(blended, self._plan.inverse[crop], out=blended)
+        return {name: blended[channels] for name, channels in self._channels.items()}
 
 
 def sliding_window_outputs(image: np.ndarray, model: ServedModel | TileSubmit,
@@ -288,29 +323,23 @@ def sliding_window_outputs(image: np.ndarray, model: ServedModel | TileSubmit,
     submit, batch = _runner(model, window)
     padded, before = _pad(image, window)
     plan = _tile_plan(padded.shape[1:], window, batch)
-    sums: dict[str, np.ndarray] = {}
+    blend = _Blend(plan, outputs)
     in_flight: deque[tuple[range, Future[Any]]] = deque()
     try:
         for tiles in plan.batches:  # the next batch is cut while the previous ones compute
             in_flight.append((tiles, submit(_cut(padded, plan, tiles))))
             if len(in_flight) >= window.max_in_flight:
                 done, future = in_flight.popleft()
-                _blend(sums, future.result(), done, plan, outputs)
+                blend.add(future.result(), done)
         while in_flight:
             done, future = in_flight.popleft()
-            _blend(sums, future.result(), done, plan, outputs)
+            blend.add(future.result(), done)
     finally:
         for _, future in in_flight:
             future.cancel()
     s = window.output_stride
-    crop = tuple(slice(b // s, b // s + math.ceil(n / s))
-                 for b, n in zip(before, image.shape[1:], strict=True))
-    maps = {}
-    for name, acc in sums.items():
-        view = acc[(slice(None),) + crop]
-        np.multiply(view, plan.inverse[crop], out=view)
-        maps[name] = view
-    return maps
+    return blend.maps(tuple(slice(b // s, b // s + math.ceil(n / s))
+                            for b, n in zip(before, image.shape[1:], strict=True)))
 
 
 def sliding_window_inference(image: np.ndarray, model: ServedModel | TileSubmit,
