@@ -23,10 +23,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge.core.errors import DataError
+from edge.core.types import Task
 from edge.preprocess.imaging import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -34,14 +36,29 @@ log = logging.getLogger(__name__)
 IGNORE = 255  # mask value without a reference (trainer.datasets.IGNORE)
 
 
+@dataclass(frozen=True, eq=False)
+class DetectionTruth:
+    """What the detection metric needs beside the images: the slices with their boxes and
+    COCO image ids (``trainer.detect.DetectionSet``, row i = image i), the COCO file, the
+    manifest of a synthetic folder (None for user data), and the preprocessing that made the
+    images (boxes are mapped back to each slice's frame with it)."""
+
+    data: Any
+    coco: Path
+    manifest: dict[str, Any] | None
+    spec: PreprocessSpec
+
+
 @dataclass(frozen=True)
 class SampleSet:
-    """Preprocessed images (N, C, H, W) float32, optional labels (N,) and masks (N, H, W)."""
+    """Preprocessed images (N, C, H, W) float32, optional labels (N,) and masks (N, H, W),
+    and for a detection model the boxes (``detection``)."""
 
     images: np.ndarray
     labels: np.ndarray | None
     masks: np.ndarray | None
     source: str
+    detection: DetectionTruth | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -58,9 +75,52 @@ def _take(samples: SampleSet, limit: int | None, seed: int) -> SampleSet:
     if limit is None or limit >= len(samples):
         return samples
     keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
+    detection = samples.detection
+    if detection is not None:
+        from trainer.detect import DetectionSet
+
+        data = detection.data
+        mask = np.zeros(len(samples), bool)
+        mask[keep] = True
+        detection = DetectionTruth(DetectionSet(
+            data.slices.select(mask), tuple(data.boxes[i] for i in keep),
+            tuple(data.original_shapes[i] for i in keep),
+            tuple(data.image_ids[i] for i in keep), data.labels),
+            detection.coco, detection.manifest, detection.spec)
     return SampleSet(samples.images[keep],
                      None if samples.labels is None else samples.labels[keep],
-                     None if samples.masks is None else samples.masks[keep], samples.source)
+                     None if samples.masks is None else samples.masks[keep], samples.source,
+                     detection)
+
+
+def _detection_samples(path: Path, spec: PreprocessSpec, split: str | None,
+                       labels: Sequence[str], coco: Path | None) -> SampleSet:
+    """Slices of a synthetic or labelled folder joined with their COCO boxes, as the detector
+    trainer loads them (all slices stacked first, so each gets its real neighbours).
+
+    Raises:
+        DataError: no COCO file, or no annotated slice in the split.
+    """
+    import json
+
+    from trainer.datasets import load_data
+    from trainer.detect import attach_boxes
+
+    coco = Path(coco) if coco is not None else path / "labels" / "boxes_coco.json"
+    if not coco.is_file():
+        raise DataError(f"{coco}: detection needs the held-out boxes as COCO JSON (--coco)")
+    data = load_data(path, spec.single_slice(), labels=("no_nodule", *labels), progress=False)
+    data = data.with_context(spec.context_slices, spec.context_spacing_mm)
+    dset = attach_boxes(data, coco, spec, labels)
+    if split is not None:
+        dset = dset.subset(split)
+    if not len(dset):
+        raise DataError(f"{path}: no annotated slices in split {split!r}")
+    manifest_path = path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    return SampleSet(dset.slices.images, None, None,
+                     f"{path}" + (f" [{split}]" if split else ""),
+                     DetectionTruth(dset, coco, manifest, spec))
 
 
 def _from_arrays(path: Path) -> SampleSet:
@@ -124,16 +184,24 @@ def _series_from_dicom_folder(path: Path, spec: PreprocessSpec) -> SampleSet:
 
 def load_samples(path: Path, spec: PreprocessSpec, *, split: str | None = None,
                  labels: Sequence[str] = (), limit: int | None = None,
-                 seed: int = 0) -> SampleSet:
+                 seed: int = 0, task: Task | None = None, coco: Path | None = None
+                 ) -> SampleSet:
     """Load up to ``limit`` preprocessed samples from ``path`` (``split`` where it has splits).
+    For ``task`` DETECT on a synthetic or labelled folder, the samples carry their boxes
+    (``coco``, default ``labels/boxes_coco.json`` of a synthetic folder).
 
     Raises:
-        DataError: nothing readable, the split is empty, or the images do not match ``spec``.
+        DataError: nothing readable, the split is empty, the images do not match ``spec``, or
+            detection boxes are missing.
     """
     path = Path(path)
-    if path.suffix in (".npy", ".npz"):
+    labelled = path.is_dir() and ((path / "manifest.json").is_file()
+                                  or (path / "labels.csv").is_file())
+    if task is Task.DETECT and labelled:
+        samples = _detection_samples(path, spec, split, labels, coco)
+    elif path.suffix in (".npy", ".npz"):
         samples = _from_arrays(path)
-    elif (path / "manifest.json").is_file() or (path / "labels.csv").is_file():
+    elif labelled:
         from trainer.datasets import load_data
 
         data = load_data(path, spec.single_slice(), labels=labels, progress=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.core.errors import MededgeError
+from edge.core.types import Task
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or .npz (default: the training data named in the sidecar)")
     parser.add_argument("--eval-split", default="test", help="split of --data to evaluate on")
     parser.add_argument("--eval-samples", type=int, help="at most this many held-out samples")
+    parser.add_argument("--coco", type=Path,
+                        help="a detector's held-out boxes (COCO JSON) for a labelled DICOM "
+                             "folder; a synthetic folder has its own")
     parser.add_argument("--calibration-data", type=Path,
                         help="INT8 calibration: synthetic folder, DICOM folder, .npy/.npz "
                              "(default: --data)")
@@ -134,12 +138,14 @@ def _candidate_runner(args: argparse.Namespace, candidate: Path,
                       source: Any) -> tuple[Callable[..., Any], Callable[[], None]]:
     from converters.evaluate import onnx_runner
 
+    heads = source.sidecar.task is Task.DETECT  # every output, by name
     if args.to == "tensorrt":
         from converters.tensorrt import engine_runner
 
-        run, backend = engine_runner(candidate, source.config.max_batch_size > 0)
+        run, backend = engine_runner(candidate, source.config.max_batch_size > 0,
+                                     all_outputs=heads)
         return run, backend.close
-    return onnx_runner(str(candidate)), lambda: None
+    return onnx_runner(str(candidate), all_outputs=heads), lambda: None
 
 
 def convert(args: argparse.Namespace, work: Path) -> int:
@@ -160,17 +166,20 @@ def convert(args: argparse.Namespace, work: Path) -> int:
         data = Path(str(source.sidecar.provenance["data"]))
     if data is None:
         raise MededgeError("the accuracy gate needs held-out data: --data DIR")
+    task = source.sidecar.task
     held_out = calibration.load_samples(data, source.sidecar.preprocess,
                                         split=_split_of(data, args.eval_split),
-                                        labels=source.sidecar.labels, limit=args.eval_samples)
+                                        labels=source.sidecar.labels, limit=args.eval_samples,
+                                        task=task, coco=args.coco)
     files, precision, details, cal_fp, candidate = _convert(args, source, work)
     run, close = _candidate_runner(args, candidate, source)
     try:
         batch = args.batch_size if args.to != "tensorrt" else \
             min(args.batch_size, args.max_batch or max(1, source.config.max_batch_size))
-        report = evaluate_gate(source.sidecar.task, source.sidecar.labels,
-                               onnx_runner(str(_fp32_reference(source))), run, held_out,
-                               args.tolerance, batch)
+        report = evaluate_gate(task, source.sidecar.labels,
+                               onnx_runner(str(_fp32_reference(source)),
+                                           all_outputs=task is Task.DETECT),
+                               run, held_out, args.tolerance, batch, source.sidecar.postprocess)
     finally:
         close()
     what = f"{args.model}:{source.version} -> {args.to} ({precision})"

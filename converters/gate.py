@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,16 +62,18 @@ class GateReport:
 
 def evaluate_gate(task: Task, labels: Sequence[str], reference: Runner, candidate: Runner,
                   samples: SampleSet, tolerance: float = DEFAULT_TOLERANCE,
-                  batch_size: int = 8) -> GateReport:
+                  batch_size: int = 8, postprocess: Mapping[str, Any] | None = None
+                  ) -> GateReport:
     """Run both models on ``samples`` and compare; does not raise on a failed gate.
+    ``postprocess``: the sidecar's (how a detector's heads decode).
 
     Raises:
         DataError: the samples carry no reference for the task metric.
     """
     ref_out = predict(reference, samples, batch_size)
     cand_out = predict(candidate, samples, batch_size)
-    metric, ref_value = task_metric(task, ref_out, samples, labels)
-    _, cand_value = task_metric(task, cand_out, samples, labels)
+    metric, ref_value = task_metric(task, ref_out, samples, labels, postprocess)
+    _, cand_value = task_metric(task, cand_out, samples, labels, postprocess)
     return GateReport(metric, ref_value, cand_value, tolerance, agreement(ref_out, cand_out),
                       len(samples), samples.source, samples.fingerprint)
 

@@ -55,8 +55,10 @@ def build_engine_for(onnx_path: Path, request: EngineRequest, out_dir: Path
     return plan, {**key.to_dict(), "sm_count": device.sm_count}
 
 
-def engine_runner(plan: Path, batched: bool = True) -> tuple[Runner, Any]:
-    """A runner for the gate over the engine at ``plan``, and the backend to close afterwards.
+def engine_runner(plan: Path, batched: bool = True, all_outputs: bool = False
+                  ) -> tuple[Runner, Any]:
+    """A runner for the gate over the engine at ``plan`` (its first output, or with
+    ``all_outputs`` every output by name), and the backend to close afterwards.
 
     Raises:
         BackendError: TensorRT cannot deserialize the engine here.
@@ -66,5 +68,7 @@ def engine_runner(plan: Path, batched: bool = True) -> tuple[Runner, Any]:
 
     backend = TensorRTBackend(plan, BackendOptions(batched=batched))
     name = backend.inputs[0].name
+    if all_outputs:
+        return (lambda x: dict(backend.infer({name: x}))), backend
     out = backend.outputs[0].name
     return (lambda x: backend.infer({name: x})[out]), backend
