@@ -5,7 +5,8 @@ throughput ratio, both measured in the same process, FP32 and INT8 alternating r
 medians reported. Models: by default a small ResNet-style classifier and a 3-level U-Net
 (Conv/BatchNorm/ReLU, the graphs INT8 kernels suit) trained for a few seconds with torch on
 generated images (a dark disc and, in half of them, a faint bright blob), so the metrics mean
-something; or published models with ``--repo --classifier --segmenter --data``.
+something; or published models with ``--repo --classifier --segmenter --detector --data``
+(a detector is scored on ``map_50`` of its decoded heads, as the accuracy gate scores it).
 """
 
 from __future__ import annotations
@@ -142,14 +143,19 @@ def _throughput(run: Callable[[np.ndarray], Any], batch: np.ndarray, seconds: fl
 
 def bench_model(name: str, task: Task, labels: tuple[str, ...], fp32: Path,
                 calibration: SampleSet, held_out: SampleSet, work: Path, *, rounds: int,
-                seconds: float, batch: int, threads: int) -> BenchRow:
-    """Quantise ``fp32``, then compare metric and throughput (alternating rounds, medians)."""
+                seconds: float, batch: int, threads: int,
+                postprocess: dict[str, Any] | None = None) -> BenchRow:
+    """Quantise ``fp32``, then compare metric and throughput (alternating rounds, medians).
+    ``postprocess``: a detector's decoding settings (its sidecar's)."""
     int8 = work / f"{name}.int8.onnx"
     details = quantize_int8(fp32, int8, calibration.images, Int8Options())
-    runners = {"fp32": onnx_runner(str(fp32), threads=threads),
-               "int8": onnx_runner(str(int8), threads=threads)}
-    metric, ref = task_metric(task, predict(runners["fp32"], held_out), held_out, labels)
-    _, got = task_metric(task, predict(runners["int8"], held_out), held_out, labels)
+    heads = task is Task.DETECT
+    runners = {"fp32": onnx_runner(str(fp32), threads=threads, all_outputs=heads),
+               "int8": onnx_runner(str(int8), threads=threads, all_outputs=heads)}
+    metric, ref = task_metric(task, predict(runners["fp32"], held_out), held_out, labels,
+                              postprocess)
+    _, got = task_metric(task, predict(runners["int8"], held_out), held_out, labels,
+                         postprocess)
     x = np.ascontiguousarray(held_out.images[:batch])
     speeds: dict[str, list[float]] = {"fp32": [], "int8": []}
     for r in range(rounds):
@@ -179,21 +185,24 @@ def format_table(rows: list[BenchRow]) -> str:
 
 def main(work: Path, *, size: int, steps: int, rounds: int, seconds: float, batch: int,
          threads: int, repo: Path | None = None, classifier: str | None = None,
-         segmenter: str | None = None, data: Path | None = None) -> int:
+         segmenter: str | None = None, data: Path | None = None,
+         detector: str | None = None) -> int:
     """Run the benchmark, print the table, write ``work/bench_convert.json``; returns 0."""
     work.mkdir(parents=True, exist_ok=True)
     cases: list[tuple[str, Task, tuple[str, ...], Path, SampleSet, SampleSet]] = []
+    postprocess: dict[str, dict[str, Any]] = {}
     if repo is not None:
         from converters.calibration import load_samples
         from converters.manifest import resolve_source
 
-        for name in (n for n in (classifier, segmenter) if n):
+        for name in (n for n in (classifier, segmenter, detector) if n):
             src = resolve_source(repo, name)
             if data is None:
                 raise ValueError("--repo needs --data (held-out and calibration data)")
             spec, labels = src.sidecar.preprocess, src.sidecar.labels
             cal = load_samples(data, spec, split="train", labels=labels, limit=128)
-            held = load_samples(data, spec, split="test", labels=labels)
+            held = load_samples(data, spec, split="test", labels=labels, task=src.sidecar.task)
+            postprocess[name] = dict(src.sidecar.postprocess)
             cases.append((name, src.sidecar.task, labels, src.onnx_path, cal, held))
     else:
         held, cal = phantoms(128, size, 7), phantoms(64, size, 8)
@@ -204,7 +213,8 @@ def main(work: Path, *, size: int, steps: int, rounds: int, seconds: float, batc
             log.info("trained %s in %.0f s", name, time.perf_counter() - started)
             cases.append((name, task, labels, path, cal, held))
     rows = [bench_model(name, task, labels, path, cal, held, work, rounds=rounds,
-                        seconds=seconds, batch=batch, threads=threads)
+                        seconds=seconds, batch=batch, threads=threads,
+                        postprocess=postprocess.get(name))
             for name, task, labels, path, cal, held in cases]
     table = format_table(rows)
     print(table)

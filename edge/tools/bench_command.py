@@ -128,6 +128,7 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", type=Path, help="bench published models instead")
     parser.add_argument("--classifier", help="classifier name in --repo")
     parser.add_argument("--segmenter", help="segmenter name in --repo")
+    parser.add_argument("--detector", help="detector name in --repo (scored on map_50)")
     parser.add_argument("--data", type=Path, help="data for --repo models (train/test splits)")
 
 
@@ -139,4 +140,4 @@ def _run_convert(args: argparse.Namespace) -> int:
     return bench.main(args.work, size=args.size, steps=args.steps, rounds=args.rounds,
                       seconds=args.seconds, batch=args.batch, threads=args.threads,
                       repo=args.repo, classifier=args.classifier, segmenter=args.segmenter,
-                      data=args.data)
+                      data=args.data, detector=args.detector)
