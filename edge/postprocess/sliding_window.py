@@ -16,11 +16,12 @@ starts are then multiples of the stride and the map has ``ceil(size / stride)`` 
 Cost. Everything that does not depend on the pixels (window slices, output cells, the importance
 map and the reciprocal of the summed weights) is planned once per (shape, window, batch) and
 cached; all outputs are blended in one array, so blending is one weighted add per window and
-one multiply at the end. Each batch is cut with one copy per window into its own contiguous
-array. The batches are as even as the batch limit allows, smallest first (9 windows at most 8
-a batch go as 4 + 5, not 8 + 1): the model starts on a small first batch while the next is cut,
-and the last one's blending is short. Cutting (a copy of every window, memory-bound) is then
-most of the fixed cost.
+one multiply at the end. Each batch is cut with one copy per window into a contiguous array
+lent from the plan's :class:`BatchBuffers` and taken back once its results are in (fresh pages
+would be faulted and zeroed for every slice). The batches are as even as the batch limit
+allows, smallest first (9 windows at most 8 a batch go as 4 + 5, not 8 + 1): the model starts
+on a small first batch while the next is cut, and the last one's blending is short. Cutting (a
+copy of every window, memory-bound) is then most of the fixed cost.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ from typing import Any
 import numpy as np
 
 from edge.core.types import InferenceRequest, InferenceResponse
+from edge.postprocess.batch_buffers import BatchBuffers
 from edge.scheduler.model import ServedModel
 
 TileSubmit = Callable[[np.ndarray], "Future[Any]"]
 """``submit(batch)``: a batch ``(B, C, *window)`` -> a future of the model's outputs for it, as an
-array, a mapping of output name to array, or an :class:`InferenceResponse`."""
+array, a mapping of output name to array, or an :class:`InferenceResponse`. The batch is lent:
+once the future is done it is reused for a later batch, so keep a copy to keep it."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,8 @@ def batch_sizes(tiles: int, limit: int) -> list[int]:
     """How ``tiles`` windows are batched: as few batches as ``limit`` allows, sizes differing by
     at most one, smaller first (``batch_sizes(9, 8) == [4, 5]``)."""
     count = math.ceil(tiles / max(1, limit))
+    if count == 0:
+        return []
     base, extra = divmod(tiles, count)
     return [base] * (count - extra) + [base + 1] * extra
 
@@ -200,7 +205,11 @@ class _TilePlan:
     batches: tuple[range, ...]  # the windows of each batch, in submission order
     weights: np.ndarray  # importance map of one window's output
     inverse: np.ndarray  # 1 / (sum of every window's weights) per cell of the grid
+    buffers: BatchBuffers  # batch arrays, reused by the calls with this plan
 
+
+#: Batch arrays kept per plan for reuse (the 2.5D detector's 512² slice needs 12 MB).
+_POOLED_BYTES = 64 << 20
 
 #: Plans with a grid up to this many cells are cached, 8 at most (a 512² slice at stride 4 has
 #: 16 Ki cells; the normaliser takes 4 bytes a cell); larger ones, 3D volumes, are planned per
@@ -235,16 +244,17 @@ def _make_tile_plan(shape: tuple[int, ...], window: WindowSpec, batch: int) -> _
     inverse.flags.writeable = False
     starts = list(itertools.accumulate(batch_sizes(len(origins), batch), initial=0))
     batches = tuple(range(a, b) for a, b in itertools.pairwise(starts))
-    return _TilePlan(window.size, out_window, grid, cuts, cells, batches, weights, inverse)
+    return _TilePlan(window.size, out_window, grid, cuts, cells, batches, weights, inverse,
+                     BatchBuffers(_POOLED_BYTES))
 
 
 _cached_tile_plan = functools.lru_cache(maxsize=8)(_make_tile_plan)
 
 
 def _cut(image: np.ndarray, plan: _TilePlan, tiles: range) -> np.ndarray:
-    """The windows ``tiles`` of the padded ``image`` as one contiguous ``(B, C, *size)`` batch,
-    each copied once."""
-    batch = np.empty((len(tiles), image.shape[0]) + plan.size, image.dtype)
+    """The windows ``tiles`` of the padded ``image`` as one contiguous ``(B, C, *size)`` batch
+    (from ``plan.buffers``), each copied once."""
+    batch = plan.buffers.take((len(tiles), image.shape[0]) + plan.size, image.dtype)
     for k, tile in enumerate(tiles):
         np.copyto(batch[k], image[plan.cuts[tile]])
     return batch
@@ -283,7 +293,8 @@ class _Blend:
             self._channels = {name: slice(a, b) for name, a, b in
                               zip(wanted, bounds[:-1], bounds[1:], strict=True)}
             self._sum = np.zeros((bounds[-1],) + plan.grid, np.float32)
-        weighted = np.empty((len(tiles), self._sum.shape[0]) + plan.out_window, np.float32)
+        weighted = plan.buffers.take((len(tiles), self._sum.shape[0]) + plan.out_window,
+                                     np.dtype(np.float32))
         for name, out in zip(wanted, heads, strict=True):
             channels = self._channels[name]
             if out.shape[1] != channels.stop - channels.start:
@@ -293,6 +304,7 @@ class _Blend:
         for k, tile in enumerate(tiles):
             cells = self._sum[plan.cells[tile]]
             np.add(cells, weighted[k], out=cells)
+        plan.buffers.give(weighted)
 
     def maps(self, crop: tuple[slice, ...]) -> dict[str, np.ndarray]:
         """Each output's blended map over the cells ``crop`` (views of one array)."""
@@ -324,18 +336,23 @@ def sliding_window_outputs(image: np.ndarray, model: ServedModel | TileSubmit,
     padded, before = _pad(image, window)
     plan = _tile_plan(padded.shape[1:], window, batch)
     blend = _Blend(plan, outputs)
-    in_flight: deque[tuple[range, Future[Any]]] = deque()
+    in_flight: deque[tuple[range, np.ndarray, Future[Any]]] = deque()
+
+    def collect() -> None:
+        tiles, lent, future = in_flight.popleft()
+        blend.add(future.result(), tiles)
+        plan.buffers.give(lent)  # the model is done with it (not on failure: it may not be)
+
     try:
         for tiles in plan.batches:  # the next batch is cut while the previous ones compute
-            in_flight.append((tiles, submit(_cut(padded, plan, tiles))))
+            batch_array = _cut(padded, plan, tiles)
+            in_flight.append((tiles, batch_array, submit(batch_array)))
             if len(in_flight) >= window.max_in_flight:
-                done, future = in_flight.popleft()
-                blend.add(future.result(), done)
+                collect()
         while in_flight:
-            done, future = in_flight.popleft()
-            blend.add(future.result(), done)
+            collect()
     finally:
-        for _, future in in_flight:
+        for _, _, future in in_flight:
             future.cancel()
     s = window.output_stride
     return blend.maps(tuple(slice(b // s, b // s + math.ceil(n / s))

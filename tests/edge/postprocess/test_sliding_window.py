@@ -157,7 +157,7 @@ def test_batches_are_even_and_the_smaller_go_first() -> None:
     assert batch_sizes(16, 8) == [8, 8]
     assert batch_sizes(100, 8) == [7] * 4 + [8] * 9
     assert batch_sizes(3, 1) == [1, 1, 1]
-    assert batch_sizes(1, 8) == [1]
+    assert batch_sizes(1, 8) == [1] and batch_sizes(0, 8) == []
 
 
 def _naive_blend(image: np.ndarray, model: Callable[[np.ndarray], np.ndarray],
@@ -212,6 +212,30 @@ def test_blending_matches_the_definition(size: tuple[int, ...], stride: int,
     got = sliding_window_inference(image, submit, window)
     assert sum(calls) == len(tile_origins(spatial, window)) and max(calls) <= max_batch
     np.testing.assert_allclose(got, _naive_blend(image, pooled, window), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_arrays_are_reused_by_the_next_call_once_their_results_are_in() -> None:
+    lent: list[np.ndarray] = []
+
+    def submit(batch: np.ndarray) -> Future[np.ndarray]:
+        lent.append(batch)
+        future: Future[np.ndarray] = Future()
+        future.set_result(batch[:, :1, ::4, ::4] * 2.0)  # computed now: the batch is free after
+        return future
+
+    window = WindowSpec((64, 64), overlap=0.25, output_stride=4, max_batch=3)
+    rng = np.random.default_rng(4)
+    first_image, second_image = (rng.normal(size=(2, 160, 160)).astype(np.float32)
+                                 for _ in range(2))
+    first = sliding_window_inference(first_image, submit, window).copy()
+    batches = len(lent)
+    second = sliding_window_inference(second_image, submit, window)
+    assert {id(a) for a in lent[batches:]} <= {id(a) for a in lent[:batches]}
+    np.testing.assert_allclose(first, _naive_blend(first_image, lambda t: t[:, :1, ::4, ::4] * 2.0,
+                                                   window), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second, _naive_blend(second_image,
+                                                    lambda t: t[:, :1, ::4, ::4] * 2.0, window),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_plain_submit_callable_with_output_stride_and_named_outputs() -> None:
