@@ -86,7 +86,7 @@ def main(repo: Path, name: str, seconds: float = 5.0, rounds: int = 3,
         # one slice takes milliseconds: many pairs, so that their median is the fixed cost
         load = os.getloadavg()[0]
         overhead = measure_overhead(big.astype(np.float32), model, window,
-                                    repeats=max(60, rounds))
+                                    repeats=max(100, rounds))
         load = max(load, os.getloadavg()[0])
     finally:
         model.close()
