@@ -209,12 +209,13 @@ class _TilePlan:
 
 
 #: Batch arrays kept per plan for reuse (the 2.5D detector's 512² slice needs 12 MB).
-_POOLED_BYTES = 64 << 20
+_POOLED_BYTES = 32 << 20
 
-#: Plans with a grid up to this many cells are cached, 8 at most (a 512² slice at stride 4 has
-#: 16 Ki cells; the normaliser takes 4 bytes a cell); larger ones, 3D volumes, are planned per
-#: call, where the compute dwarfs it. The cache holds only read-only values (like
-#: :func:`importance_map`'s), so it is no shared mutable state.
+#: Plans with a grid up to this many cells are cached, 4 at most (a 512² slice at stride 4 has
+#: 16 Ki cells; the normaliser takes 4 bytes a cell), so at most 4 x 32 MB of batch arrays are
+#: kept; larger grids, 3D volumes, are planned per call (their arrays are still reused within
+#: the call), where the compute dwarfs the planning. Besides the :class:`BatchBuffers` scratch
+#: memory (see there) the cache holds only read-only values, like :func:`importance_map`'s.
 _CACHED_CELLS = 1 << 20
 
 
@@ -248,7 +249,7 @@ def _make_tile_plan(shape: tuple[int, ...], window: WindowSpec, batch: int) -> _
                      BatchBuffers(_POOLED_BYTES))
 
 
-_cached_tile_plan = functools.lru_cache(maxsize=8)(_make_tile_plan)
+_cached_tile_plan = functools.lru_cache(maxsize=4)(_make_tile_plan)
 
 
 def _cut(image: np.ndarray, plan: _TilePlan, tiles: range) -> np.ndarray:
