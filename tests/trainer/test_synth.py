@@ -34,8 +34,8 @@ ARGS = ["--studies", "4", "--seed", "5", "--size", "128", "--slices-min", "8", "
         "12", "--compressed-fraction", "0.75", "--monochrome1-fraction", "1", "--quiet"]
 
 
-def _synth(out: Path) -> None:
-    assert main(["synth", "--out", str(out), *ARGS]) == 0
+def _synth(out: Path, *extra: str) -> None:
+    assert main(["synth", "--out", str(out), *ARGS, *extra]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,9 @@ def test_masks_align_with_pixels_and_hu(folder: Path, manifest: dict[str, Any]) 
 
 
 def test_same_seed_gives_identical_files(folder: Path, tmp_path: Path) -> None:
-    _synth(tmp_path / "again")
+    """Also whether the studies are made in worker processes (the fixture, on a machine
+    with more than one CPU) or one after the other in this process (here)."""
+    _synth(tmp_path / "again", "--workers", "1")
     assert _tree_hashes(tmp_path / "again") == _tree_hashes(folder)
 
 

@@ -12,8 +12,10 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of CT series stored signed (PixelRepresentation 1)")
     parser.add_argument("--monochrome1-fraction", type=float, default=0.5,
                         help="fraction of DX images stored MONOCHROME1")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="studies made in parallel processes (default: the CPU count, "
+                             "at most 4; 1: in this process). The files do not depend on it")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -123,6 +128,18 @@ def make_study(args: argparse.Namespace, index: int, split: str, ct_syntax: str,
     return write_study_labels(written, args.out)
 
 
+def _make_study(job: tuple[argparse.Namespace, int, str, str, bool, bool]
+                ) -> StudyGroundTruth:
+    """``make_study`` in a worker process (quiet openjpeg there too)."""
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)
+    return make_study(*job)
+
+
+def _made(study: StudyGroundTruth, bar: tqdm) -> StudyGroundTruth:
+    bar.update(1)
+    return study
+
+
 def _clear_previous(out: Path) -> None:
     """Remove what an earlier run listed in ``out/manifest.json`` (and nothing else)."""
     manifest = out / "manifest.json"
@@ -153,11 +170,17 @@ def run(args: argparse.Namespace) -> int:
     signed = set(_pick(folder_rng, args.studies, args.signed_fraction))
     mono1 = set(_pick(folder_rng, args.studies, args.monochrome1_fraction))
     started = time.perf_counter()
-    studies = []
-    slices = 0
-    for i in tqdm(range(args.studies), desc="synth studies", unit="study", disable=args.quiet):
-        studies.append(make_study(args, i, splits[i], syntaxes[i], i in signed, i in mono1))
-        slices += len(studies[-1].sop_instance_uids)
+    jobs = [(args, i, splits[i], syntaxes[i], i in signed, i in mono1)
+            for i in range(args.studies)]
+    workers = min(args.studies, args.workers or min(os.cpu_count() or 1, 4))
+    bar = tqdm(total=args.studies, desc="synth studies", unit="study", disable=args.quiet)
+    if workers <= 1:
+        studies = [_made(make_study(*job), bar) for job in jobs]
+    else:  # each study has its own generator: the same files whatever the order
+        with ProcessPoolExecutor(workers) as pool:
+            studies = [_made(s, bar) for s in pool.map(_make_study, jobs)]
+    bar.close()
+    slices = sum(len(s.sop_instance_uids) for s in studies)
     write_tables(studies, args.seed, args.out)
     elapsed = time.perf_counter() - started
     log.info("wrote %d studies (%d CT slices) to %s in %.1f s (%.3f s per slice)",
