@@ -38,6 +38,9 @@ NEGATIVE_MODES = ("lung", "lung-border")
 #: Classifier: gate the nodule evidence by a predicted lung map (trainer/models.py); no better
 #: on the larger validation set (docs/training.md), so off by default.
 CLASSIFY_LUNG_GATE = False
+#: Classify/segment: per-step decay of the weights' moving average that is validated and
+#: kept (trainer/averaging.py; 0: the raw weights).
+EMA_DECAY = {"classify": 0.0, "segment": 0.0}
 
 #: Tasks trained by their own modules (trainer/detect_train.py, trainer/train3d.py).
 OTHER_TASKS = ("detect", "segment3d")
@@ -88,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lung-windows", type=float, default=None,
                         help="detect: share of the windows not centred on a box that are "
                              "centred on a lung pixel (hard negatives; default per task)")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="classify/segment/detect: validate, keep and publish a moving "
+                             "average of the weights with this per-step decay (0: the raw "
+                             "weights; default per task)")
     parser.add_argument("--threshold", type=float,
                         help="classification threshold (default: Youden's J on validation)")
     parser.add_argument("--seed", type=int, default=0)
@@ -196,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs or epochs, batch_size=args.batch_size or batch,
             lr=args.lr or lr, samples_per_epoch=args.samples_per_epoch or samples,
             seed=args.seed, work_dir=work_dir, resume=args.resume, amp=not args.no_amp,
-            progress=not args.no_progress)
+            progress=not args.no_progress,
+            ema_decay=EMA_DECAY[args.task] if args.ema_decay is None else args.ema_decay)
         hooks = (ClassifyHooks(min_visible_mm=args.min_visible_mm, crop=args.crop,
                                negatives=args.negatives)
                  if args.task == "classify" else SegmentHooks(labels))

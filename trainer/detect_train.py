@@ -30,6 +30,7 @@ from edge.core.types import Task
 from edge.postprocess.detection import DecodeSpec
 from edge.preprocess.imaging import PreprocessSpec
 from edge.repository.sidecar import Applicability, Sidecar
+from trainer.averaging import EmaWeights
 from trainer.detect import (
     DetectionSet,
     attach_boxes,
@@ -55,6 +56,9 @@ LABELS = ("nodule",)
 #: context_slices / context_spacing_mm; --context-slices, --context-spacing-mm). Chosen on
 #: validation (docs/detection.md: run D1).
 CONTEXT, CONTEXT_MM = 2, 4.0
+#: Per-step decay of the weights' moving average that is validated and kept (0: the raw
+#: weights; --ema-decay).
+EMA_DECAY = 0.0
 MERGE = {"min_iou": 0.3, "max_gap": 1, "max_center_mm": 5.0}
 
 
@@ -92,9 +96,15 @@ def load_detection_data(args: argparse.Namespace, spec: PreprocessSpec
 def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSet,
                    coco: Path, spec: PreprocessSpec, decode: DecodeSpec, *, epochs: int,
                    samples: int, batch: int, lr: float, seed: int, work_dir: Path,
-                   progress: bool = False, crop: int = CROP, lung_windows: float = 0.0
+                   progress: bool = False, crop: int = CROP, lung_windows: float = 0.0,
+                   ema_decay: float = 0.0
                    ) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """Train; returns the best state (by validation mAP@0.5) and the per-epoch history."""
+    """Train; returns the best state (by validation mAP@0.5) and the per-epoch history.
+
+    With ``ema_decay > 0`` an exponential moving average of the weights
+    (trainer/averaging.py) is what is validated and kept; the last raw and averaged weights
+    are saved too (``last.pt``).
+    """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -113,6 +123,7 @@ def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSe
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {}
     best_metric = -1.0
+    ema = EmaWeights(model, ema_decay) if ema_decay > 0 else None
     for epoch in range(1, epochs + 1):
         t0 = time.monotonic()
         model.train()
@@ -134,8 +145,11 @@ def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSe
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             losses.append(float(loss.detach()))
-        metrics, _, _ = evaluate(predict_heads(model, val.slices.images), val, coco, spec,
+        judged = model if ema is None else ema.model  # what is validated and kept
+        metrics, _, _ = evaluate(predict_heads(judged, val.slices.images), val, coco, spec,
                                  decode, None)
         row = {"epoch": float(epoch), "train_loss": float(np.mean(losses)),
                "val_map_50": metrics["map_50"], "seconds": time.monotonic() - t0}
@@ -143,7 +157,7 @@ def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSe
         metric = -1.0 if math.isnan(metrics["map_50"]) else metrics["map_50"]
         if metric > best_metric or not best:
             best_metric = metric
-            best = {"state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+            best = {"state_dict": {k: v.clone() for k, v in judged.state_dict().items()},
                     "epoch": epoch, "best_metric": metric}
         log.info("epoch %d/%d loss %.4f val map_50 %.4f %.1fs", epoch, epochs,
                  row["train_loss"], metrics["map_50"], row["seconds"])
@@ -152,6 +166,9 @@ def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSe
                   f"{metrics['map_50']:.4f} ({row['seconds']:.0f}s)", flush=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.save(best, work_dir / "best.pt")
+    torch.save({"state_dict": model.state_dict(), "epoch": epochs,
+                **({} if ema is None else {"ema_state_dict": ema.state_dict()})},
+               work_dir / "last.pt")
     return best, history
 
 
@@ -193,7 +210,8 @@ def run_detect(args: argparse.Namespace) -> int:
             lr=args.lr or lr, seed=args.seed, work_dir=work_dir,
             progress=not args.no_progress,
             lung_windows=LUNG_WINDOWS if getattr(args, "lung_windows", None) is None
-            else args.lung_windows)
+            else args.lung_windows,
+            ema_decay=EMA_DECAY if getattr(args, "ema_decay", None) is None else args.ema_decay)
         seconds = time.monotonic() - started
         model.load_state_dict(best["state_dict"])
         model.eval()

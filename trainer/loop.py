@@ -23,6 +23,7 @@ from monai.losses import DiceCELoss
 from tqdm import tqdm
 
 from trainer.augment import AugmentSpec, augment_batch
+from trainer.averaging import EmaWeights
 from trainer.datasets import IGNORE, SliceSet
 from trainer.distributed import DistContext, ShardedWeightedSampler, barrier
 from trainer.metrics import segmentation_metrics
@@ -49,6 +50,9 @@ class TrainConfig:
     amp: bool = True  # only takes effect on CUDA
     progress: bool = True
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    #: > 0: validate, keep and publish an exponential moving average of the weights with this
+    #: per-step decay (trainer/averaging.py) instead of the raw weights; 0: off.
+    ema_decay: float = 0.0
 
 
 class TaskHooks(Protocol):
@@ -177,6 +181,7 @@ def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     sampler = ShardedWeightedSampler(hooks.sample_weights(train_set), cfg.samples_per_epoch,
                                      rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+    ema = EmaWeights(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     history: list[dict[str, float]] = []
     best_metric, best_epoch, start_epoch = -math.inf, 0, 1
     if cfg.resume:
@@ -187,6 +192,8 @@ def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set
         scaler.load_state_dict(ck["scaler"])
         history, best_metric, best_epoch = ck["history"], ck["best_metric"], ck["best_epoch"]
         start_epoch = ck["epoch"] + 1
+        if ema is not None and "ema_state_dict" in ck:
+            ema.load_state_dict(ck["ema_state_dict"], int(ck["ema_updates"]))
         log.info("resumed from %s at epoch %d", cfg.work_dir / LAST, start_epoch)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -213,23 +220,30 @@ def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         row: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                                  "lr": float(sched.get_last_lr()[0])}
         if ctx.is_main:
-            probs = predict(model, val_set.images, device)
+            judged = model if ema is None else ema.model  # what is validated and kept
+            probs = predict(judged, val_set.images, device)
             row.update({f"val_{k}": v for k, v in hooks.evaluate(probs, val_set).items()})
             row["seconds"] = time.monotonic() - t0
             history.append(row)
             metric = row[f"val_{hooks.primary_metric}"]
-            state = {**meta, "state_dict": model.state_dict(), "epoch": epoch,
+            state = {**meta, "state_dict": judged.state_dict(), "epoch": epoch,
+                     "weights": "raw" if ema is None else f"ema {cfg.ema_decay:g}",
                      "history": history, "best_metric": best_metric, "best_epoch": best_epoch}
             if metric > best_metric:
                 best_metric, best_epoch = metric, epoch
                 state.update(best_metric=best_metric, best_epoch=best_epoch)
                 save_atomically(state, cfg.work_dir / BEST)
-            save_atomically({**state, "optimizer": opt.state_dict(),
+            extra = ({} if ema is None else
+                     {"ema_state_dict": ema.state_dict(), "ema_updates": ema.updates})
+            save_atomically({**state, **extra, "state_dict": model.state_dict(),
+                             "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
                             cfg.work_dir / LAST)
             log.info("epoch %d/%d loss %.4f val %s %.4f (best %.4f @ %d) %.1fs", epoch,

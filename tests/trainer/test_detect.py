@@ -107,3 +107,19 @@ def test_windows_off_the_boxes_can_be_centred_on_the_lung() -> None:
     out, _ = crop_batch(marked, [np.zeros((0, 4), np.float32)] * 64, 16,
                         np.random.default_rng(0), 4, lung=lung, lung_share=1.0)
     assert (out.reshape(64, -1).max(axis=1) == 1.0).all()  # every window holds lung
+
+
+def test_train_detect_keeps_the_weights_average(synth: Path, tmp_path: Path) -> None:
+    """--ema-decay: the averaged weights are validated and kept (best.pt, the export); last.pt
+    holds the raw and the averaged weights of the last step."""
+    work = tmp_path / "run"
+    assert cli(["train", "detect", "--data", str(synth), "--repo", str(tmp_path / "models"),
+                "--model", "det", "--work-dir", str(work), "--epochs", "1", "--size", "64",
+                "--samples-per-epoch", "32", "--batch-size", "16", "--widths", "8,16,32",
+                "--ema-decay", "0.9", "--no-progress"]) == 0
+    best = torch.load(work / "best.pt", weights_only=False)
+    last = torch.load(work / "last.pt", weights_only=False)
+    for key, value in best["state_dict"].items():
+        assert torch.equal(value, last["ema_state_dict"][key]), key
+    assert any(not torch.equal(v, last["state_dict"][k])
+               for k, v in best["state_dict"].items() if v.is_floating_point())

@@ -137,3 +137,21 @@ def test_same_seed_same_weights(synth: Path, tmp_path: Path) -> None:
         states.append(torch.load(work / "best.pt", weights_only=False)["state_dict"])
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_ema_weights_are_validated_kept_and_resumed(synth: Path, tmp_path: Path) -> None:
+    """With --ema-decay the averaged weights are what best.pt (and so the export) holds; the
+    raw weights and the average both go into last.pt so --resume continues both."""
+    work = tmp_path / "run"
+    base = ["train", "classify", "--data", str(synth), "--repo", str(tmp_path / "m"),
+            "--model", "ema", "--work-dir", str(work), "--ema-decay", "0.9", *TINY]
+    assert cli([*base, "--epochs", "1"]) == 0
+    best = torch.load(work / "best.pt", weights_only=False)
+    last = torch.load(work / "last.pt", weights_only=False)
+    assert best["weights"] == "ema 0.9" and last["ema_updates"] == 3  # 48 samples / 16
+    for key, value in best["state_dict"].items():
+        assert torch.equal(value, last["ema_state_dict"][key]), key
+    assert any(not torch.equal(v, last["state_dict"][k])
+               for k, v in best["state_dict"].items() if v.is_floating_point())
+    assert cli([*base, "--epochs", "2", "--resume"]) == 0
+    assert torch.load(work / "last.pt", weights_only=False)["ema_updates"] == 6
