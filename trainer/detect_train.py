@@ -97,13 +97,14 @@ def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSe
                    coco: Path, spec: PreprocessSpec, decode: DecodeSpec, *, epochs: int,
                    samples: int, batch: int, lr: float, seed: int, work_dir: Path,
                    progress: bool = False, crop: int = CROP, lung_windows: float = 0.0,
-                   ema_decay: float = 0.0
+                   ema_decay: float = 0.0, meta: dict[str, Any] | None = None
                    ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Train; returns the best state (by validation mAP@0.5) and the per-epoch history.
 
     With ``ema_decay > 0`` an exponential moving average of the weights
     (trainer/averaging.py) is what is validated and kept; the last raw and averaged weights
-    are saved too (``last.pt``).
+    are saved too (``last.pt``). ``meta`` (model spec, preprocessing) goes into both files,
+    so they can be scored alone (``python -m trainer.heldout``).
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -165,8 +166,8 @@ def train_detector(model: torch.nn.Module, train: DetectionSet, val: DetectionSe
             print(f"epoch {epoch}/{epochs} loss {row['train_loss']:.4f} val map_50 "
                   f"{metrics['map_50']:.4f} ({row['seconds']:.0f}s)", flush=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(best, work_dir / "best.pt")
-    torch.save({"state_dict": model.state_dict(), "epoch": epochs,
+    torch.save({**(meta or {}), **best}, work_dir / "best.pt")
+    torch.save({**(meta or {}), "state_dict": model.state_dict(), "epoch": epochs,
                 **({} if ema is None else {"ema_state_dict": ema.state_dict()})},
                work_dir / "last.pt")
     return best, history
@@ -211,6 +212,8 @@ def run_detect(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             lung_windows=LUNG_WINDOWS if getattr(args, "lung_windows", None) is None
             else args.lung_windows,
+            meta={"task": "detect", "model_spec": mspec.to_dict(),
+                  "preprocess": spec.to_dict(), "labels": list(LABELS)},
             ema_decay=EMA_DECAY if getattr(args, "ema_decay", None) is None else args.ema_decay)
         seconds = time.monotonic() - started
         model.load_state_dict(best["state_dict"])

@@ -18,6 +18,7 @@ from edge.repository.model_config import read_model_config
 from edge.repository.sidecar import read_sidecar
 from trainer.datasets import load_synthetic
 from trainer.detect import crop_batch, draw_targets, focal_loss
+from trainer.heldout import main as heldout
 from trainer.models_detect import DetectorSpec, build_detector
 
 
@@ -109,9 +110,11 @@ def test_windows_off_the_boxes_can_be_centred_on_the_lung() -> None:
     assert (out.reshape(64, -1).max(axis=1) == 1.0).all()  # every window holds lung
 
 
-def test_train_detect_keeps_the_weights_average(synth: Path, tmp_path: Path) -> None:
+def test_train_detect_keeps_the_weights_average(synth: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     """--ema-decay: the averaged weights are validated and kept (best.pt, the export); last.pt
-    holds the raw and the averaged weights of the last step."""
+    holds the raw and the averaged weights of the last step; both score alone with
+    ``python -m trainer.heldout``."""
     work = tmp_path / "run"
     assert cli(["train", "detect", "--data", str(synth), "--repo", str(tmp_path / "models"),
                 "--model", "det", "--work-dir", str(work), "--epochs", "1", "--size", "64",
@@ -123,3 +126,10 @@ def test_train_detect_keeps_the_weights_average(synth: Path, tmp_path: Path) -> 
         assert torch.equal(value, last["ema_state_dict"][key]), key
     assert any(not torch.equal(v, last["state_dict"][k])
                for k, v in best["state_dict"].items() if v.is_floating_point())
+    capsys.readouterr()
+    assert heldout(["detect", "--data", str(synth), str(work / "best.pt"),
+                    f"{work / 'last.pt'}:ema_state_dict"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and rows[0]["scans"] == 4 and rows[0]["nodules"] >= 1
+    for key in rows[0].keys() - {"checkpoint"}:  # the same weights (str: NaN != NaN)
+        assert str(rows[0][key]) == str(rows[1][key]), key

@@ -19,6 +19,7 @@ from edge.core.types import Task
 from edge.repository.model_config import read_model_config
 from edge.repository.sidecar import read_sidecar
 from trainer.datasets import load_synthetic
+from trainer.heldout import main as heldout
 from trainer.models import ModelSpec, build_model
 
 pytestmark = pytest.mark.slow
@@ -155,3 +156,16 @@ def test_ema_weights_are_validated_kept_and_resumed(synth: Path, tmp_path: Path)
                for k, v in best["state_dict"].items() if v.is_floating_point())
     assert cli([*base, "--epochs", "2", "--resume"]) == 0
     assert torch.load(work / "last.pt", weights_only=False)["ema_updates"] == 6
+
+
+def test_heldout_scores_a_checkpoint_on_every_study(synth: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "run"
+    assert cli(["train", "classify", "--data", str(synth), "--repo", str(tmp_path / "m"),
+                "--model", "c", "--work-dir", str(work), "--epochs", "1", *TINY]) == 0
+    capsys.readouterr()
+    assert heldout(["classify", "--data", str(synth), str(work / "best.pt")]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["checkpoint"] == str(work / "best.pt") and 0.0 <= row["auc_any_touch"] <= 1.0
+    assert heldout(["classify", "--data", str(synth), f"{work / 'best.pt'}:no_such_key"]) == 1
+    assert "no_such_key" in capsys.readouterr().err
