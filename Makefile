@@ -33,7 +33,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 demo: install
-	$(VENV)/bin/mededge synth --out $(WORK)/data --studies 24 --seed 7
+	$(VENV)/bin/mededge synth --out $(WORK)/data --studies 60 --seed 7
 	$(VENV)/bin/mededge train classify --data $(WORK)/data --repo $(WORK)/models --model nodule_cls
 	$(VENV)/bin/mededge train segment --data $(WORK)/data --repo $(WORK)/models --model lung_seg
 	$(VENV)/bin/mededge train detect --data $(WORK)/data --repo $(WORK)/models --model nodule_det

@@ -26,7 +26,7 @@ from edge.postprocess.detection import DecodeSpec
 from edge.preprocess.imaging import PreprocessSpec
 from trainer.datasets import CLASSIFY_LABELS, SliceSet, load_data
 
-CLASSIFY_KEYS = ("auc", "auc_any_touch", "sensitivity", "specificity")
+CLASSIFY_KEYS = ("auc", "auc_any_touch")  # threshold-free: the threshold is chosen at export
 DETECT_KEYS = ("map_50", "map_50_95", "map_50_6mm", "map_50_95_6mm", "froc_cpm",
                "froc_cpm_6mm", "nodules", "nodules_6mm", "scans")
 
