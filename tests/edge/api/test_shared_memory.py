@@ -53,16 +53,22 @@ def _data() -> tuple[np.ndarray, np.ndarray]:
             rng.integers(-9, 9, (BATCH, 4)).astype(np.int32))
 
 
-def test_inputs_and_outputs_in_shared_memory_equal_onnxruntime(
-        client, grpcclient, shm, regions, onnx_models) -> None:
-    x, k = _data()
-    (in_name, in_handle), (out_name, out_handle), nbytes = (
-        regions["in"], regions["out"], regions["nbytes"])
+def _inputs_in_shared_memory(grpcclient, shm, regions, x: np.ndarray, k: np.ndarray) -> list:
+    """x then k written into the input region; InferInputs that name them there."""
+    (in_name, in_handle), nbytes = regions["in"], regions["nbytes"]
     shm.set_shared_memory_region(in_handle, [x, k])
     inputs = [grpcclient.InferInput("x", [BATCH, 4], "FP32"),
               grpcclient.InferInput("k", [BATCH, 4], "INT32")]
     inputs[0].set_shared_memory(in_name, nbytes)
     inputs[1].set_shared_memory(in_name, nbytes, offset=nbytes)
+    return inputs
+
+
+def test_inputs_and_outputs_in_shared_memory_equal_onnxruntime(
+        client, grpcclient, shm, regions, onnx_models) -> None:
+    x, k = _data()
+    (out_name, out_handle), nbytes = regions["out"], regions["nbytes"]
+    inputs = _inputs_in_shared_memory(grpcclient, shm, regions, x, k)
     outputs = [grpcclient.InferRequestedOutput("y"), grpcclient.InferRequestedOutput("z")]
     outputs[0].set_shared_memory(out_name, nbytes)
     outputs[1].set_shared_memory(out_name, nbytes, offset=nbytes)
@@ -104,13 +110,8 @@ def test_mixed_placement_keeps_tritonclient_indexing(
 
 def test_streaming_with_shared_memory(client, grpcclient, shm, regions, onnx_models) -> None:
     x, k = _data()
-    (in_name, in_handle), (out_name, out_handle), nbytes = (
-        regions["in"], regions["out"], regions["nbytes"])
-    shm.set_shared_memory_region(in_handle, [x, k])
-    inputs = [grpcclient.InferInput("x", [BATCH, 4], "FP32"),
-              grpcclient.InferInput("k", [BATCH, 4], "INT32")]
-    inputs[0].set_shared_memory(in_name, nbytes)
-    inputs[1].set_shared_memory(in_name, nbytes, offset=nbytes)
+    (out_name, out_handle), nbytes = regions["out"], regions["nbytes"]
+    inputs = _inputs_in_shared_memory(grpcclient, shm, regions, x, k)
     outputs = [grpcclient.InferRequestedOutput("y")]
     outputs[0].set_shared_memory(out_name, nbytes)
     results: queue.Queue = queue.Queue()
