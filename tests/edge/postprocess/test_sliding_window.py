@@ -151,12 +151,13 @@ def test_tiled_conv_matches_whole_image_and_batches_through_the_scheduler(
         model.close()
 
 
-def test_batches_are_even_and_the_smaller_go_first() -> None:
-    assert batch_sizes(9, 8) == [4, 5]
-    assert batch_sizes(9, 4) == [3, 3, 3]
-    assert batch_sizes(16, 8) == [8, 8]
-    assert batch_sizes(100, 8) == [7] * 4 + [8] * 9
+def test_one_window_goes_first_then_even_batches_smaller_first() -> None:
+    assert batch_sizes(9, 8) == [1, 8]
+    assert batch_sizes(9, 4) == [1, 4, 4]
+    assert batch_sizes(16, 8) == [1, 7, 8]
+    assert batch_sizes(100, 8) == [1] + [7] * 5 + [8] * 8
     assert batch_sizes(3, 1) == [1, 1, 1]
+    assert batch_sizes(2, 8) == [1, 1]
     assert batch_sizes(1, 8) == [1] and batch_sizes(0, 8) == []
 
 
@@ -263,7 +264,7 @@ def test_overhead_helper_runs_and_reports(tmp_path: Path) -> None:
     try:
         image = rng.normal(size=(1, 512, 512)).astype(np.float32)
         report = measure_overhead(image, model, WindowSpec((256, 256), overlap=0.5), repeats=2)
-        assert report.tiles == 9 and report.batches == (3, 3, 3) and report.repeats == 2
+        assert report.tiles == 9 and report.batches == (1, 4, 4) and report.repeats == 2
         assert report.raw_s > 0 and report.sliding_s > 0 and report.raw_median_s >= report.raw_s
         print(f"sliding-window overhead over raw tile compute: {report.fraction:+.1%} "
               f"(fixed cost {report.fixed_s * 1e3:.1f} ms per call; best "

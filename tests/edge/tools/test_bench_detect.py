@@ -71,10 +71,10 @@ def test_bench_detect_states_the_sliding_window_overhead(repo: Path, tmp_path: P
     out = tmp_path / "bench" / "detect.json"
     assert bench_detect.main(repo, "det", seconds=0.05, rounds=1, out=out) == 0
     printed = capsys.readouterr().out
-    assert "9 tiles in batches of 4 + 5" in printed
+    assert "9 tiles in batches of 1 + 8" in printed
     assert "overhead" in printed and "(target < 10 %)" in printed and "load average" in printed
     result = json.loads(out.read_text())
-    assert result["sliding_tiles"] == 9 and result["sliding_batches"] == [4, 5]
+    assert result["sliding_tiles"] == 9 and result["sliding_batches"] == [1, 8]
     assert result["sliding_repeats"] >= 100
     assert result["sliding_overhead"] == pytest.approx(
         result["sliding_fixed_s"] / result["sliding_raw_median_s"])
