@@ -1,7 +1,9 @@
 """Turning one repository version into a warmed ServedModel.
 
 Steps: verify file sha256s (when the sidecar records them), open one backend per instance
-(``instance_group`` counts; parameter ``share_session: "true"`` shares one session), complete
+(``instance_group`` counts; parameter ``share_session: "true"`` shares one session, parameter
+``adaptive_threads: "true"`` adds one shared session with every core for batches that run
+alone, see ``edge.backends.adaptive_threads``), complete
 a config that gives no inputs/outputs from the model itself (Triton's auto-complete), check the
 config against the model, warm every instance up.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from edge.backends.adaptive_threads import AdaptiveThreadsBackend, ExecutionGauge
 from edge.backends.base import Backend
 from edge.backends.registry import backend_options, open_backend
 from edge.core.config import Settings
@@ -67,6 +70,11 @@ def _complete(config: ModelConfig, backend: Backend) -> None:
         out.dims.extend(spec.shape)
 
 
+def _flag(config: ModelConfig, key: str) -> bool:
+    return key in config.parameters and \
+        config.parameters[key].string_value.lower() in ("1", "true")
+
+
 def _batchable(backend: Backend) -> bool:
     tensors = backend.inputs + backend.outputs
     return bool(tensors) and all(s.shape and s.shape[0] == -1 for s in tensors)
@@ -86,11 +94,18 @@ def load_version(source: ModelSource, version: VersionSource, settings: Settings
     config = ModelConfig()
     config.CopyFrom(source.config)
     options = backend_options(config, settings.backend, where)
+    wide_options = options
     count = instance_count(config)
-    if count > 1 and options.intra_op_threads == 0:
-        # N sessions each taking every core oversubscribe the CPU; share the cores out.
-        options = replace(options, intra_op_threads=max(1, (os.cpu_count() or 1) // count))
+    shared = _flag(config, "share_session")
+    adaptive = count > 1 and not shared and _flag(config, "adaptive_threads")
+    if count > 1 and (options.intra_op_threads == 0 or adaptive):
+        # N sessions each taking every core oversubscribe the CPU; share the cores out (the
+        # intra-op threads asked for, or every core). Adaptive instances keep them all for a
+        # batch that runs alone.
+        total = options.intra_op_threads or os.cpu_count() or 1
+        options = replace(options, intra_op_threads=max(1, total // count))
     backends: list[Backend] = []
+    opened: list[Backend] = []  # what runs the model, each once (instances may wrap or share)
     try:
         first = open_backend(source.platform, version.model_path, options)
         backends.append(first)
@@ -109,20 +124,26 @@ def load_version(source: ModelSource, version: VersionSource, settings: Settings
         declared_in, declared_out = config_tensor_specs(config, where)
         inputs = _merge_specs("input", declared_in, first.inputs, where, require_all=True)
         outputs = _merge_specs("output", declared_out, first.outputs, where, require_all=False)
-        shared = config.parameters["share_session"].string_value.lower() in ("1", "true") \
-            if "share_session" in config.parameters else False
         for _ in range(count - 1):
             backends.append(first if shared else
                             open_backend(source.platform, version.model_path, options))
+        opened = list({id(b): b for b in backends}.values())
+        if adaptive:
+            wide = open_backend(source.platform, version.model_path,
+                                replace(wide_options, batched=options.batched))
+            opened.append(wide)
+            gauge = ExecutionGauge()
+            backends = [AdaptiveThreadsBackend(narrow, wide, gauge, owns_wide=i == 0)
+                        for i, narrow in enumerate(backends)]
         if settings.repository.warmup:
             samples = warmup_samples(config, inputs, source.directory)
-            for backend in {id(b): b for b in backends}.values():
+            for backend in opened:
                 warm_up(backend, samples, str(version.model_id))
         return ServedModel(version.model_id, config, source.platform, source.sidecar, inputs,
                            outputs, backends, settings.scheduler,
                            fingerprint=f"{source.config_fingerprint}:{version.fingerprint}",
                            directory=version.directory)
     except BaseException:
-        for backend in {id(b): b for b in backends}.values():
+        for backend in {id(b): b for b in [*opened, *backends]}.values():
             backend.close()
         raise

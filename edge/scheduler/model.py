@@ -278,6 +278,11 @@ class ServedModel:
         return self._stats.snapshot(len(self._queue))
 
     @property
+    def instances(self) -> tuple[Backend, ...]:
+        """The backend of each instance (the same object repeated when they share one)."""
+        return tuple(self._backends)
+
+    @property
     def pending_count(self) -> int:
         return len(self._queue)
 

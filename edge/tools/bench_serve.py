@@ -7,7 +7,9 @@ Per model, in rounds whose order rotates (raw, mededge, Triton; mededge, Triton,
   ``session.run`` from one thread, at batch 1 (latency and throughput) and at the servers'
   ``max_batch_size`` (throughput: the most a dynamic batcher could gain by stacking);
 - ``mededge serve`` and Triton (pytriton's, from ``.venv-triton``, see ``bench_triton``), both
-  with ``max_batch_size`` 8 and a dynamic batcher without queue delay, driven by gRPC clients
+  with ``max_batch_size`` 8 and a dynamic batcher without queue delay (mededge with two
+  adaptive instances, ``ADAPTIVE_INSTANCES``; Triton with one of ``threads`` threads, as raw
+  ONNX Runtime runs), driven by gRPC clients
   in separate *processes* (their GIL is not the server's) that send one encoded KServe v2
   request back to back, as Triton's perf_analyzer does: one client for batch-1 latency,
   ``clients`` clients for throughput. Four transports (``TRANSPORTS``): ModelInfer calls with
@@ -58,6 +60,10 @@ PORT_LINE = re.compile(r"^mededge: grpc listening on [\d.]+:(\d+)$")
 MAX_BATCH = 8
 #: Appended to the bench models' config.pbtxt: the same batching as Triton's bench config.
 DYNAMIC_BATCHING = "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
+#: And how mededge runs them: two instances that split the intra-op threads between them under
+#: load and take them all for a batch that runs alone (edge/backends/adaptive_threads.py).
+ADAPTIVE_INSTANCES = ('instance_group { count: 2 kind: KIND_CPU }\n'
+                      'parameters { key: "adaptive_threads" value: { string_value: "true" } }\n')
 RAW, MEDEDGE, TRITON = "onnxruntime (raw)", "mededge", "triton (pytriton)"
 #: How the clients send: tensors in ModelInfer messages, on one ModelStreamInfer stream per
 #: client, or in system shared memory (ModelInfer naming registered regions).
@@ -511,7 +517,7 @@ def _write_models(repo: Path, names: list[str]) -> list[tuple[Path, BenchModel]]
         path = bench_models.write_model(repo, name, getattr(bench_models, builder)(),
                                         max_batch=MAX_BATCH)
         config = repo / name / "config.pbtxt"
-        config.write_text(config.read_text() + DYNAMIC_BATCHING)
+        config.write_text(config.read_text() + DYNAMIC_BATCHING + ADAPTIVE_INSTANCES)
         specs.append((path, spec))
     return specs
 
