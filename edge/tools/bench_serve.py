@@ -216,9 +216,13 @@ class _SharedMemoryRegions:
             _METHOD + "SystemSharedMemoryUnregister",
             request_serializer=inference_pb2.SystemSharedMemoryUnregisterRequest.SerializeToString,
             response_deserializer=inference_pb2.SystemSharedMemoryUnregisterResponse.FromString)
+        import grpc
+
         for name, handle in zip(self.names, self._handles, strict=False):
             try:
                 unregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name=name))
+            except grpc.RpcError as exc:  # Triton at times still holds it ("in use")
+                log.warning("unregistering %s: %s", name, exc.details())  # type: ignore[attr-defined]
             finally:
                 self._shm.destroy_shared_memory_region(handle)
 
