@@ -97,7 +97,11 @@ def load_version(source: ModelSource, version: VersionSource, settings: Settings
     wide_options = options
     count = instance_count(config)
     shared = _flag(config, "share_session")
-    adaptive = count > 1 and not shared and _flag(config, "adaptive_threads")
+    if shared and _flag(config, "adaptive_threads"):
+        raise RepositoryError(f"{where}: parameters['adaptive_threads'] and "
+                              "parameters['share_session'] exclude each other (adaptive "
+                              "instances have a session each, plus one they share)")
+    adaptive = count > 1 and _flag(config, "adaptive_threads")
     if count > 1 and (options.intra_op_threads == 0 or adaptive):
         # N sessions each taking every core oversubscribe the CPU; share the cores out (the
         # intra-op threads asked for, or every core). Adaptive instances keep them all for a

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from model_factory import served, slow_matmul
 
 from edge.backends.adaptive_threads import AdaptiveThreadsBackend, ExecutionGauge
+from edge.core.errors import RepositoryError
 from edge.core.types import InferenceRequest
 
 CONFIG = """
@@ -92,3 +94,11 @@ def test_two_instances_share_one_wide_session_and_answer_correctly(tmp_path: Pat
     finally:
         model.close()
     assert all(b.closed for b in instances)
+
+
+def test_adaptive_threads_with_a_shared_session_is_refused_naming_both(tmp_path: Path) -> None:
+    slow_matmul(tmp_path / "mm" / "1" / "model.onnx", steps=2, size=64)
+    (tmp_path / "mm" / "config.pbtxt").write_text(
+        CONFIG + 'parameters { key: "share_session" value: { string_value: "true" } }\n')
+    with pytest.raises(RepositoryError, match=r"adaptive_threads.*share_session"):
+        served(tmp_path, "mm")
