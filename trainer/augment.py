@@ -19,7 +19,8 @@ import torch.nn.functional as F
 class AugmentSpec:
     """Ranges of the random transforms; zero disables one. Intensities are in model units."""
 
-    flip_prob: float = 0.5
+    flip_prob: float = 0.5  # left-right
+    vflip_prob: float = 0.0  # front-back (up-down in the image)
     max_rotate_deg: float = 10.0
     scale_range: tuple[float, float] = (0.9, 1.1)
     intensity_scale: float = 0.05  # multiply by 1 +- this
@@ -36,12 +37,15 @@ def random_affine(n: int, spec: AugmentSpec, gen: torch.Generator) -> torch.Tens
     angle = _uniform(n, -1.0, 1.0, gen) * math.radians(spec.max_rotate_deg)
     scale = _uniform(n, *spec.scale_range, gen)
     flip = torch.where(torch.rand(n, generator=gen) < spec.flip_prob, -1.0, 1.0)
+    # Drawn only when asked for, so runs without it keep their random stream.
+    vflip = (torch.where(torch.rand(n, generator=gen) < spec.vflip_prob, -1.0, 1.0)
+             if spec.vflip_prob > 0 else torch.ones(n))
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = cos * flip
-    theta[:, 0, 1] = -sin
+    theta[:, 0, 1] = -sin * vflip
     theta[:, 1, 0] = sin * flip
-    theta[:, 1, 1] = cos
+    theta[:, 1, 1] = cos * vflip
     return theta
 
 

@@ -101,9 +101,11 @@ class ClassifyHooks:
     primary_metric = "auc"
 
     def __init__(self, threshold: float = 0.5, min_visible_mm: float = 3.0, crop: int = 0,
-                 dense_weight: float = 1.0, negatives: str = "lung") -> None:
+                 dense_weight: float = 1.0, negatives: str = "lung", small_mm: float = 0.0,
+                 small_weight: float = 1.0) -> None:
         self.threshold, self.min_visible_mm = threshold, min_visible_mm
         self.crop, self.dense_weight, self.negatives = crop, dense_weight, negatives
+        self.small_mm, self.small_weight = small_mm, small_weight
         self._ce = torch.nn.CrossEntropyLoss()
 
     def slice_labels(self, data: SliceSet) -> np.ndarray:
@@ -111,9 +113,16 @@ class ClassifyHooks:
         return visible_nodule_labels(data.labels, data.nodule_mm, self.min_visible_mm)
 
     def sample_weights(self, data: SliceSet) -> np.ndarray:
+        """Positives and negatives drawn equally often (ignored slices never); among the
+        positives, a slice whose largest nodule cross-section is under ``small_mm`` is drawn
+        ``small_weight`` times as often as one with a larger cross-section."""
         y = self.slice_labels(data)
-        counts = np.bincount(y[y >= 0], minlength=2).astype(np.float64)
-        return np.where(y >= 0, 1.0 / np.maximum(counts, 1)[np.maximum(y, 0)], 0.0)
+        per = np.where(y >= 0, 1.0, 0.0)
+        if self.small_mm > 0 and data.nodule_mm is not None:
+            mm = np.nan_to_num(np.asarray(data.nodule_mm, np.float64), nan=np.inf)
+            per[(y == 1) & (mm < self.small_mm)] *= self.small_weight
+        totals = np.array([per[y == 0].sum(), per[y == 1].sum()])
+        return np.where(y >= 0, per / np.maximum(totals, 1e-12)[np.maximum(y, 0)], 0.0)
 
     def make_batch(self, data: SliceSet, idx: np.ndarray, rng: np.random.Generator
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

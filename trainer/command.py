@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 #: Per task: (epochs, samples per epoch, batch size, learning rate, input size, widths). Sized
 #: so each model trains in a few minutes on an idle 2-core CPU on `make demo` data (60
-#: studies). The classifier: 20 epochs, about 6 s each at load ~1; on 60 studies twice the
+#: studies). The classifier: 20 epochs, about 10 s each at load ~1-2 (validating four flip
+#: views each, see CLASSIFY_FLIP_VIEWS); on 60 studies twice the
 #: epochs of the 24-study default raised the held-out AUC by 0.03, twice again by 0.003
 #: (docs/training.md: runs n1, n3, n4).
 DEFAULTS = {
@@ -36,6 +37,15 @@ CLASSIFY_CROP, CLASSIFY_HEAD_STRIDE, MIN_VISIBLE_MM = 128, 4, 3.0
 #: (trainer/classify.py: crop_origins). Chosen on validation (docs/training.md: run c8).
 CLASSIFY_CONTEXT, CLASSIFY_CONTEXT_MM, CLASSIFY_NEGATIVES = 2, 4.0, "lung"
 NEGATIVE_MODES = ("lung", "lung-border")
+#: Classifier: positive slices with a nodule cross-section under CLASSIFY_SMALL_MM are drawn
+#: CLASSIFY_SMALL_WEIGHT times as often as the others (the misses are small cross-sections;
+#: drawing them 3x as often lowered both held-out AUCs, docs/training.md: run s3w3).
+CLASSIFY_SMALL_MM, CLASSIFY_SMALL_WEIGHT = 8.0, 1.0
+#: Classifier: share of training draws flipped front-back (left-right: always half), and the
+#: flips whose evidence maps the exported graph averages with the input's
+#: (ModelSpec.flip_views): over two seeds +0.026 on the seed-8 held-out studies and +0.006 on
+#: the seed-1007 ones, at 4x the inference compute (docs/training.md: runs t2, t2s1).
+CLASSIFY_VFLIP, CLASSIFY_FLIP_VIEWS = 0.5, ("h", "v", "hv")
 #: Classifier: gate the nodule evidence by a predicted lung map (trainer/models.py); no better
 #: on the larger validation set (docs/training.md), so off by default.
 CLASSIFY_LUNG_GATE = False
@@ -45,6 +55,18 @@ EMA_DECAY = {"classify": 0.0, "segment": 0.0}
 
 #: Tasks trained by their own modules (trainer/detect_train.py, trainer/train3d.py).
 OTHER_TASKS = ("detect", "segment3d")
+
+
+def _flip_views(text: str) -> tuple[str, ...]:
+    """``--flip-average``: 'none' or a comma list of :data:`trainer.models.FLIP_DIMS` keys."""
+    from trainer.models import FLIP_DIMS
+
+    views = () if text.strip() in ("", "none") else tuple(v.strip() for v in text.split(","))
+    bad = [v for v in views if v not in FLIP_DIMS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown flips {bad}; use none or a comma list of "
+                                         f"{', '.join(FLIP_DIMS)}")
+    return views
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classify: train on windows this size (0: whole frames)")
     parser.add_argument("--head-stride", type=int, default=CLASSIFY_HEAD_STRIDE,
                         help="classify: evidence-map stride (0: deepest stage, no decoder)")
+    parser.add_argument("--stem-pool", action=argparse.BooleanOptionalAction, default=True,
+                        help="classify: max-pooling after the stride-2 stem (4x down before "
+                             "the first stage); --no-stem-pool keeps the first stage at stride 2")
     parser.add_argument("--context-slices", type=int, default=None,
                         help="classify/detect: 2.5D input, each slice stacked with this many "
                              "neighbours on each side along the slice normal (0: one slice; "
@@ -86,6 +111,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classify: where negative training windows are centred: 'lung' "
                              "(half on lung pixels, half anywhere) or 'lung-border' (a third "
                              "each on lung pixels, just outside the lung, anywhere)")
+    parser.add_argument("--small-nodule-mm", type=float, default=CLASSIFY_SMALL_MM,
+                        help="classify: positive slices whose largest nodule cross-section is "
+                             "under this (mm) are drawn --small-nodule-weight times as often")
+    parser.add_argument("--small-nodule-weight", type=float, default=CLASSIFY_SMALL_WEIGHT,
+                        help="classify: see --small-nodule-mm (1: every positive alike)")
+    parser.add_argument("--vertical-flip", type=float, default=CLASSIFY_VFLIP,
+                        help="classify: share of training draws flipped front-back")
+    parser.add_argument("--flip-average", type=_flip_views, default=CLASSIFY_FLIP_VIEWS,
+                        help="classify: average the evidence map over these flips inside the "
+                             "graph (comma list of h, v, hv; 'none': one view)")
     parser.add_argument("--lung-gate", action=argparse.BooleanOptionalAction,
                         default=CLASSIFY_LUNG_GATE,
                         help="classify: a lung head gates the nodule evidence (needs masks)")
@@ -174,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from trainer import distributed
+    from trainer.augment import AugmentSpec
     from trainer.classify import ClassifyHooks
     from trainer.export_command import finish
     from trainer.loop import SegmentHooks, TrainConfig, seed_everything, train
@@ -198,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
                           widths=tuple(int(w) for w in (args.widths or widths).split(",")),
                           head_stride=args.head_stride if args.task == "classify" else 0,
                           in_channels=spec.channels,
+                          stem_pool=args.stem_pool if args.task == "classify" else True,
+                          flip_views=args.flip_average if args.task == "classify" else (),
                           lung_gate=_lung_gate(args, data))
         work_dir = args.work_dir or args.repo.resolve().parent / "runs" / args.model
         cfg = TrainConfig(
@@ -205,9 +243,12 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr or lr, samples_per_epoch=args.samples_per_epoch or samples,
             seed=args.seed, work_dir=work_dir, resume=args.resume, amp=not args.no_amp,
             progress=not args.no_progress,
-            ema_decay=EMA_DECAY[args.task] if args.ema_decay is None else args.ema_decay)
+            ema_decay=EMA_DECAY[args.task] if args.ema_decay is None else args.ema_decay,
+            augment=AugmentSpec(vflip_prob=args.vertical_flip if args.task == "classify"
+                                else 0.0))
         hooks = (ClassifyHooks(min_visible_mm=args.min_visible_mm, crop=args.crop,
-                               negatives=args.negatives)
+                               negatives=args.negatives, small_mm=args.small_nodule_mm,
+                               small_weight=args.small_nodule_weight)
                  if args.task == "classify" else SegmentHooks(labels))
         rule = ({"min_visible_mm": args.min_visible_mm} if args.task == "classify" else {})
         meta = {"format": 1, "task": args.task, "labels": list(labels), "label_rule": rule,

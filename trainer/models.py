@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from monai.networks.nets import ResNet as MonaiResNet
 from monai.networks.nets import UNet
 
+#: Flip views of :attr:`ModelSpec.flip_views`: the tensor dims each flips ((N, C, H, W)).
+FLIP_DIMS = {"h": (3,), "v": (2,), "hv": (2, 3)}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -36,6 +39,11 @@ class ModelSpec:
     #: classifier with a head stride: a second 1x1 head predicts the lung (a stride-cell
     #: touching lung or nodule) and the nodule evidence is gated by it (see NoduleClassifier)
     lung_gate: bool = False
+    #: classifier, eval mode (validation, export, serving): the evidence map is averaged over
+    #: the input and these flips of it ("h": left-right, "v": front-back, "hv": both), each
+    #: map flipped back, before the maximum; part of the graph, so serving and the trainer's
+    #: metric agree. Training runs one view (the augmentation draws the flips).
+    flip_views: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,7 +56,8 @@ class ModelSpec:
                    stem_pool=bool(data.get("stem_pool", True)),
                    head_stride=int(data.get("head_stride", 0)),
                    in_channels=int(data.get("in_channels", 1)),
-                   lung_gate=bool(data.get("lung_gate", False)))
+                   lung_gate=bool(data.get("lung_gate", False)),
+                   flip_views=tuple(str(v) for v in data.get("flip_views", ())))
 
 
 class NoduleClassifier(torch.nn.Module):
@@ -73,8 +82,12 @@ class NoduleClassifier(torch.nn.Module):
     (mediastinum, hila, chest wall), where a nodule-like blob is not a lung nodule. In
     training mode ``forward`` then returns ``(logits, evidence, lung)``.
 
+    With ``spec.flip_views`` the eval-mode map (:meth:`dense`, hence the logits and the CAM)
+    is the mean of the maps of the input and of its flips, each flipped back: the flips the
+    training augmentation draws, averaged inside the graph rather than by the caller.
+
     Raises:
-        ValueError: 1 to 4 stages, or a ``head_stride`` that no stage has.
+        ValueError: 1 to 4 stages, a ``head_stride`` that no stage has, or an unknown flip.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -82,6 +95,11 @@ class NoduleClassifier(torch.nn.Module):
         n = len(spec.widths)
         if not 1 <= n <= 4:
             raise ValueError(f"classifier: 1 to 4 stages, got widths {spec.widths}")
+        unknown = [v for v in spec.flip_views if v not in FLIP_DIMS]
+        if unknown:
+            raise ValueError(f"classifier: unknown flip views {unknown}; known: "
+                             f"{sorted(FLIP_DIMS)}")
+        self.flips = [FLIP_DIMS[v] for v in spec.flip_views]
         # MONAI's ResNet always builds four stages; the trunk keeps the first ``n``.
         widths = list(spec.widths) + [spec.widths[-1]] * (4 - n)
         layers = (list(spec.layers) + [1] * 4)[:4]
@@ -116,7 +134,16 @@ class NoduleClassifier(torch.nn.Module):
             torch.nn.init.constant_(self.head[-1].bias, -math.log(99.0))
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """The (gated) nodule-logit map the slice decision is the maximum of."""
+        """The (gated) nodule-logit map the slice decision is the maximum of; in eval mode
+        averaged over the flip views (``spec.flip_views``)."""
+        dense = self._gated(x)
+        if self.training or not self.flips:
+            return dense
+        for dims in self.flips:
+            dense = dense + self._gated(torch.flip(x, dims)).flip(dims)
+        return dense / (len(self.flips) + 1)
+
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
         evidence, lung = self.maps(x)
         return evidence if lung is None else evidence - F.softplus(-lung)
 
@@ -137,12 +164,13 @@ class NoduleClassifier(torch.nn.Module):
         return self.head[-1](features), self.lung_head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if not self.training:
+            positive = torch.amax(self.dense(x), dim=(2, 3))
+            return torch.cat([torch.zeros_like(positive), positive], dim=1)
         evidence, lung = self.maps(x)
         dense = evidence if lung is None else evidence - F.softplus(-lung)
         positive = torch.amax(dense, dim=(2, 3))
         logits = torch.cat([torch.zeros_like(positive), positive], dim=1)
-        if not self.training:
-            return logits
         return (logits, evidence) if lung is None else (logits, evidence, lung)
 
 

@@ -161,3 +161,49 @@ def test_lung_gate_lowers_the_evidence_outside_the_lung(tmp_path: Path) -> None:
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(["logits"], {"image": x.numpy()})[0],
                                    model(x).numpy(), atol=1e-4)
+
+
+def test_flip_views_are_averaged_inside_the_exported_graph(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    spec = ModelSpec("classify", 2, widths=(8, 16, 32), head_stride=4, in_channels=3)
+    plain = build_model(spec).eval()
+    model = build_model(ModelSpec.from_dict({**spec.to_dict(), "flip_views": ["h", "v", "hv"]}))
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        train_out = model.train()(x)[0]
+        np.testing.assert_allclose(train_out.numpy(), plain.train()(x)[0].numpy())  # one view
+        model.eval()
+        plain.eval()
+        want = sum(plain.dense(x.flip(d)).flip(d) for d in ((), (3,), (2,), (2, 3))) / 4
+        np.testing.assert_allclose(model.dense(x).numpy(), want.numpy(), atol=1e-5)
+        # the four views are a group: flipping the input leaves the answer unchanged
+        np.testing.assert_allclose(model(x.flip(3)).numpy(), model(x).numpy(), atol=1e-5)
+    files = export_onnx(model, x.numpy(), tmp_path)
+    sess = ort.InferenceSession(str(files["model.onnx"]), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(["logits"], {"image": x.numpy()})[0],
+                                   model(x).numpy(), atol=1e-4)
+
+
+def test_unknown_flip_view_is_refused() -> None:
+    with pytest.raises(ValueError, match="flip"):
+        build_model(ModelSpec("classify", 2, widths=(8, 16), head_stride=4, flip_views=("d",)))
+
+
+def test_small_cross_sections_are_drawn_more_often_and_classes_stay_balanced() -> None:
+    from dataclasses import replace
+
+    from trainer.datasets import SliceSet
+
+    n = 6
+    data = SliceSet(images=np.zeros((n, 1, 8, 8), np.float32),
+                    labels=np.array([0, 0, 0, 1, 1, 1]), masks=None,
+                    groups=np.array(["a"] * n, object), splits=np.array(["train"] * n, object),
+                    sources=np.array([str(i) for i in range(n)], object), fingerprint="x",
+                    nodule_mm=np.array([0, 0, 0, 4.0, 10.0, 20.0], np.float32))
+    w = ClassifyHooks(small_mm=8.0, small_weight=3.0).sample_weights(data)
+    assert w[:3].sum() == pytest.approx(w[3:].sum())  # the classes stay balanced
+    assert w[3] == pytest.approx(3 * w[4]) and w[4] == pytest.approx(w[5])
+    even = ClassifyHooks().sample_weights(replace(data, nodule_mm=None))
+    assert even[3] == pytest.approx(even[4])
