@@ -63,7 +63,9 @@ class InferenceRequest:
     """One request for one model: named inputs that each carry the batch axis first.
 
     ``deadline`` is a ``time.monotonic()`` instant (None: no deadline); ``priority`` 1 is the
-    highest, as in Triton; 0 means the model's default level.
+    highest, as in Triton; 0 means the model's default level. ``no_delay``: the sender sized
+    this batch itself (a sliding window's tiles), so the scheduler dispatches it, with whatever
+    else is queued, without waiting the dynamic batcher's queue delay for company.
     """
 
     model: str
@@ -73,6 +75,7 @@ class InferenceRequest:
     priority: int = 0
     deadline: float | None = None
     outputs: tuple[str, ...] = ()
+    no_delay: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ the level served next is the one with the smallest ``level - waited // aging`` o
 request, so a request waiting ``aging`` longer than a higher level's rises one level and low
 priority is never starved. Removal (cancel, deadline) is lazy in the heaps but immediate in the
 counts that bound the queue; the heaps are compacted when they hold more garbage than requests.
-Workers block on a condition variable: no polling, and an idle model dispatches at once.
+Workers block on a condition variable: no polling, and an idle model dispatches at once. A
+queued ``no_delay`` request makes what is queued due at once (no wait for company).
 ``slots`` bounds what executes at a time (the model's instances): a worker that finds work waits
 for a free slot, and :meth:`RequestQueue.begin_inline` lets a caller take a free slot itself
 when nothing is queued, so the request runs on the caller's thread without a hand-off.
@@ -88,6 +89,7 @@ class RequestQueue:
         self._count = 0
         self._items = 0
         self._bytes = 0
+        self._no_delay = 0  # queued requests that must not wait for company
         self._garbage = 0
         self._seq = 0
         self._busy = 0
@@ -126,6 +128,7 @@ class RequestQueue:
             self._count += 1
             self._items += item.size
             self._bytes += item.nbytes
+            self._no_delay += item.request.no_delay
             self._cond.notify()
 
     def _push(self, item: Pending) -> None:
@@ -137,6 +140,7 @@ class RequestQueue:
         self._count -= 1
         self._items -= item.size
         self._bytes -= item.nbytes
+        self._no_delay -= item.request.no_delay
 
     def remove(self, item: Pending) -> bool:
         """Take ``item`` out if it is still queued (cancelled, expired); True if it was."""
@@ -199,7 +203,8 @@ class RequestQueue:
                     continue
                 now = time.monotonic_ns()
                 order, oldest = self._level_order(now)
-                want = plan_batch(self._items, now - oldest, policy)
+                waited = policy.max_delay_ns if self._no_delay else now - oldest
+                want = plan_batch(self._items, waited, policy)
                 if want is None:
                     self._cond.wait((policy.max_delay_ns - (now - oldest)) / 1e9)
                     continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,30 @@ def test_idle_model_answers_a_single_request_without_waiting_for_a_batch(
         response = model.submit(InferenceRequest("add", {"INPUT0": x})).result(timeout=5)
         np.testing.assert_array_equal(response.outputs["OUTPUT0"], x * 2 + 1)
         assert model.statistics().execution_count == 1
+    finally:
+        model.close(5)
+
+
+def test_a_no_delay_request_dispatches_at_once_with_what_waits(tmp_path: Path) -> None:
+    """A 5 s queue delay holds a lone request; a ``no_delay`` one (a sliding window's sized
+    batch) is due at once and takes the waiting request along in the same batch."""
+    extra = "dynamic_batching { max_queue_delay_microseconds: 5000000 preferred_batch_size: [ 8 ] }"
+    write_add_scale_repo(tmp_path, "add", config=add_scale_config("add", 8, extra=extra))
+    model = served(tmp_path, "add")
+    try:
+        x = np.arange(4, dtype=np.float32)[None]
+        waiting = model.submit(InferenceRequest("add", {"INPUT0": x}, request_id="waits"))
+        time.sleep(0.2)
+        assert not waiting.done(), "the queue delay should hold a lone request"
+        started = time.monotonic()
+        urgent = model.submit(InferenceRequest("add", {"INPUT0": x + 1}, request_id="now",
+                                               no_delay=True))
+        np.testing.assert_array_equal(urgent.result(timeout=2).outputs["OUTPUT0"],
+                                      (x + 1) * 2 + 1)
+        np.testing.assert_array_equal(waiting.result(timeout=2).outputs["OUTPUT0"], x * 2 + 1)
+        assert time.monotonic() - started < 2.5, "no_delay waited for the queue delay"
+        stats = model.statistics()
+        assert stats.execution_count == 1 and stats.inference_count == 2
     finally:
         model.close(5)
 
