@@ -21,8 +21,8 @@ lent from the plan's :class:`BatchBuffers` and taken back once its results are i
 would be faulted and zeroed for every slice). The first batch is a single window, the rest as
 even as the batch limit allows (9 windows at most 8 a batch go as 1 + 8): the model starts
 after one window's cut while the others are cut (the batches are sent ``no_delay``, so the
-lone first window does not wait the model's queue delay for company). Windows are cut channel plane by channel
-plane, so the rows they share come from the cache. Cutting (a copy of every window,
+lone first window does not wait the model's queue delay for company). Windows are cut
+channel plane by channel plane, so the rows they share come from the cache. Cutting (a copy of every window,
 memory-bound, 11.8 MB for a 5-channel 512² slice) is then most of the fixed cost; where the
 model keeps every core busy (ONNX Runtime on a CPU) it is not hidden but paid in full.
 """

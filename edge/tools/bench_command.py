@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--rounds", type=int, default=3,
                        help="interleaved rounds (raw, mededge, Triton); medians reported")
     serve.add_argument("--no-triton", action="store_true", help="skip the Triton reference")
+    serve.add_argument("--client", choices=("cpp", "python"), default="cpp",
+                       help="load generator: C++ (built on first use; Python if it cannot be) "
+                            "or Python client processes")
     serve.add_argument("--transports", default="unary,stream,shm,stream+shm",
                        help="comma-separated: unary (ModelInfer), stream (ModelStreamInfer), "
                             "shm (ModelInfer with tensors in system shared memory), stream+shm")
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
               f"{list(bench_serve.TRANSPORTS)}")
         return 2
     return bench_serve.main(args.work, models, args.batch, args.clients, args.seconds,
-                            args.threads, not args.no_triton, args.rounds, transports)
+                            args.threads, not args.no_triton, args.rounds, transports,
+                            args.client)
 
 
 def _run_dicom(args: argparse.Namespace) -> int:

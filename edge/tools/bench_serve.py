@@ -10,9 +10,15 @@ Per model, in rounds whose order rotates (raw, mededge, Triton; mededge, Triton,
   with ``max_batch_size`` 8 and a dynamic batcher without queue delay (mededge with two
   adaptive instances, ``ADAPTIVE_INSTANCES``; Triton with one of ``threads`` threads, as raw
   ONNX Runtime runs), driven by gRPC clients
-  in separate *processes* (their GIL is not the server's) that send one encoded KServe v2
-  request back to back, as Triton's perf_analyzer does: one client for batch-1 latency,
-  ``clients`` clients for throughput. Four transports (``TRANSPORTS``): ModelInfer calls with
+  in separate *processes* that send one encoded KServe v2 request back to back, as Triton's
+  perf_analyzer does: one client for batch-1 latency, ``clients`` clients for throughput. The
+  clients are C++ (``edge/tools/loadgen``, built on first use; a Python client's own gRPC work
+  is about 0.3 ms a request, which is not the server's) or, with ``--client python`` or where
+  the C++ one cannot be built, Python processes (their GIL is not the server's). With the C++
+  client the batch-1 run alternates with raw ``session.run`` in blocks, and the added latency
+  is taken against those raw blocks: this box's speed drifts by up to a millisecond of ResNet
+  p50 over minutes, which a raw figure measured a minute earlier does not share. Four
+  transports (``TRANSPORTS``): ModelInfer calls with
   the tensor in the message; one ModelStreamInfer stream per client; and each of those with
   input and output in system shared memory (perf_analyzer's ``--shared-memory system``: each
   client registers its two regions and writes its input into them once).
@@ -43,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from edge.backends.onnxruntime_backend import SESSION_CONFIG
+from edge.tools import loadgen
 from edge.tools.bench_triton import (
     TRITON_SCRIPT,
     OutputMismatch,
@@ -107,6 +114,7 @@ class Result:
     throughput_max: float | None = None
     mean_batch: float | None = None
     note: str = ""
+    raw_p50_ms: float | None = None  # raw b1 p50 in blocks alternating with this row's b1
 
 
 #: name -> (its builder in edge.tools.bench_models, its tensors)
@@ -189,14 +197,14 @@ class _SharedMemoryRegions:
     """A client's input and output regions: POSIX shared memory made with tritonclient's
     utilities, registered with the server over gRPC; the input written once."""
 
-    def __init__(self, channel: Any, spec: BenchModel, x: np.ndarray) -> None:
+    def __init__(self, channel: Any, spec: BenchModel, x: np.ndarray, tag: str = "") -> None:
         from tritonclient.utils import shared_memory
 
         from edge.protos import inference_pb2
 
         self._shm = shared_memory
         self._channel = channel
-        self.names = (f"bench-{os.getpid()}-in", f"bench-{os.getpid()}-out")
+        self.names = (f"bench-{os.getpid()}{tag}-in", f"bench-{os.getpid()}{tag}-out")
         self._handles = []
         register = channel.unary_unary(
             _METHOD + "SystemSharedMemoryRegister",
@@ -373,27 +381,92 @@ def _batch_counts(client: Any, name: str) -> tuple[int, int] | None:
             sum(int(s.get("execution_count", 0)) for s in stats))
 
 
+@contextlib.contextmanager
+def _encoded_requests(url: str, spec: BenchModel, batch: int, clients: int,
+                      transport: str) -> Any:
+    """One encoded request per C++ client; for the shared-memory transports each client's
+    regions are made, registered and filled here (and removed afterwards)."""
+    import grpc
+
+    limit = 1 << 30
+    channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", limit),
+                                                  ("grpc.max_receive_message_length", limit)])
+    regions: list[_SharedMemoryRegions] = []
+    try:
+        requests = []
+        for i in range(clients):
+            x = np.random.default_rng(i).random((batch, *spec.shape), dtype=np.float32)
+            if transport in _SHARED:
+                regions.append(_SharedMemoryRegions(channel, spec, x, tag=f"-c{i}"))
+            requests.append(encoded_request(spec, x, regions[-1].names if regions else None))
+        yield requests
+    finally:
+        for r in regions:
+            r.close()
+        channel.close()
+
+
+def drive_cpp(loadgen_binary: Path, url: str, spec: BenchModel, batch: int, clients: int,
+              seconds: float, transport: str) -> tuple[list[float], float]:
+    """:func:`drive` with C++ client processes (``edge/tools/loadgen``).
+
+    Raises:
+        RuntimeError: a client failed; the message is its error.
+    """
+    with _encoded_requests(url, spec, batch, clients, transport) as requests:
+        results = loadgen.drive(loadgen_binary, url, requests, spec.output, seconds,
+                                transport in (STREAM, STREAM_SHM), transport in _SHARED)
+    latencies = [v for r in results for v in r]
+    return latencies, len(latencies) * batch / seconds
+
+
+def paired_b1(loadgen_binary: Path, url: str, spec: BenchModel, seconds: float,
+              transport: str, sess: Any) -> tuple[list[float], list[float]]:
+    """Batch-1 latencies of one C++ client and of raw ``sess.run``, in alternating blocks
+    (:func:`edge.tools.loadgen.paired`): (server, raw).
+
+    Raises:
+        RuntimeError: the client failed; the message is its error.
+    """
+    one = {spec.input: np.random.default_rng(0).random((1, *spec.shape), dtype=np.float32)}
+    with _encoded_requests(url, spec, 1, 1, transport) as requests:
+        return loadgen.paired(loadgen_binary, url, requests[0], spec.output, seconds,
+                              transport in (STREAM, STREAM_SHM), transport in _SHARED,
+                              lambda s: _back_to_back(lambda: sess.run(None, one), s))
+
+
 def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: int,
-                 seconds: float, transport: str = UNARY) -> Result:
+                 seconds: float, transport: str = UNARY, loadgen_binary: Path | None = None,
+                 sess: Any = None) -> Result:
     """Batch-1 latency with one client, then throughput with ``clients``; a client failure
-    becomes the row's note (not timed)."""
+    becomes the row's note (not timed). With ``loadgen_binary`` the clients are C++ and the
+    batch-1 run alternates with raw ``sess.run`` in blocks (``raw_p50_ms``); else Python."""
     from edge.tools.triton_client import grpcclient
 
     client = grpcclient().InferenceServerClient(url)
+    raw_p50 = None
     try:
-        one, _ = drive(url, spec, 1, 1, seconds, transport)
+        if loadgen_binary is not None:
+            one, raw_one = paired_b1(loadgen_binary, url, spec, seconds, transport, sess)
+            raw_p50 = _percentiles(raw_one)[0]
+        else:
+            one, _ = drive(url, spec, 1, 1, seconds, transport)
     except RuntimeError as exc:
         client.close()
         return Result(spec.name, system, note=f"failed: {exc}")
     p50, p99 = _percentiles(one)
     before = _batch_counts(client, spec.name)
-    _, throughput = drive(url, spec, batch, clients, seconds, transport)
+    if loadgen_binary is not None:
+        _, throughput = drive_cpp(loadgen_binary, url, spec, batch, clients, seconds, transport)
+    else:
+        _, throughput = drive(url, spec, batch, clients, seconds, transport)
     after = _batch_counts(client, spec.name)
     mean_batch = None
     if before is not None and after is not None and after[1] > before[1]:
         mean_batch = (after[0] - before[0]) / (after[1] - before[1])
     client.close()
-    return Result(spec.name, system, p50, p99, throughput, mean_batch=mean_batch)
+    return Result(spec.name, system, p50, p99, throughput, mean_batch=mean_batch,
+                  raw_p50_ms=raw_p50)
 
 
 def verify_server(system: str, url: str, spec: BenchModel, sess: Any) -> None:
@@ -509,7 +582,7 @@ def _median(rows: list[Result]) -> Result:
     return Result(first.model, first.system, med([r.p50_ms for r in rows]),
                   med([r.p99_ms for r in rows]), med([r.throughput for r in rows]),
                   med([r.throughput_max for r in rows]), med([r.mean_batch for r in rows]),
-                  first.note)
+                  first.note, med([r.raw_p50_ms for r in rows]))
 
 
 def _write_models(repo: Path, names: list[str]) -> list[tuple[Path, BenchModel]]:
@@ -549,7 +622,8 @@ def _start_reference(venv: Path, path: Path, spec: BenchModel, threads: int, wor
 
 def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: int,
                  seconds: float, threads: int, triton: Path | None, rounds: int, work: Path,
-                 loads: list[float], transports: tuple[str, ...] = TRANSPORTS) -> list[Result]:
+                 loads: list[float], transports: tuple[str, ...] = TRANSPORTS,
+                 loadgen_binary: Path | None = None) -> list[Result]:
     """Raw, mededge and Triton on one model (each server over ModelInfer and, with
     ``streaming``, over ModelStreamInfer), in rounds of rotating order; the medians.
 
@@ -571,7 +645,7 @@ def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: in
         for transport in transports:
             name = system + _ROW_SUFFIX[transport]
             measures[name] = partial(bench_server, name, server_url, spec, batch, clients,
-                                     seconds, transport)
+                                     seconds, transport, loadgen_binary, sess)
     rows: dict[str, list[Result]] = {name: [] for name in measures}
     order = list(measures)
     try:
@@ -594,8 +668,10 @@ def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: in
 
 def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: float,
               threads: int, triton: Path | None, rounds: int = 3,
-              transports: tuple[str, ...] = TRANSPORTS) -> tuple[list[Result], str]:
-    """Measure every model; (median results, load note). ``triton``: the Triton venv or None.
+              transports: tuple[str, ...] = TRANSPORTS,
+              loadgen_binary: Path | None = None) -> tuple[list[Result], str]:
+    """Measure every model; (median results, load note). ``triton``: the Triton venv or None;
+    ``loadgen_binary``: the C++ client (None: Python clients).
 
     Raises:
         OutputMismatch: mededge's answers differ from raw ONNX Runtime's.
@@ -607,7 +683,7 @@ def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: 
     try:
         for path, spec in specs:
             results += _bench_model(path, spec, url, batch, clients, seconds, threads, triton,
-                                    rounds, work, loads, transports)
+                                    rounds, work, loads, transports, loadgen_binary)
     finally:
         stop_group(proc)
     load = (f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run"
@@ -620,7 +696,8 @@ def markdown(results: list[Result], batch: int, clients: int) -> str:
 
     "vs raw" divides a server's throughput by the *better* of raw's batch-1 and
     max-batch back-to-back throughputs (the stricter reference), "vs raw b1" by raw's batch-1
-    throughput; "added" is the server's batch-1 p50 minus raw's.
+    throughput; "added" is the server's batch-1 p50 minus raw's: the raw p50 measured in blocks
+    alternating with that row's (``raw_p50_ms``) where there is one, else the raw row's.
     """
     raw = {r.model: r for r in results if r.system == RAW}
     lines = [f"| model | system | b1 p50 ms | b1 p99 ms | added p50 ms | {clients} clients "
@@ -636,7 +713,8 @@ def markdown(results: list[Result], batch: int, clients: int) -> str:
             lines.append(f"| {r.model} | {RAW}, b{MAX_BATCH} | - | - | - | "
                          f"{r.throughput_max or 0:.1f} | {MAX_BATCH} | reference | - |")
             continue
-        added = r.p50_ms - ref.p50_ms if ref and ref.p50_ms is not None else 0.0
+        base = r.raw_p50_ms if r.raw_p50_ms is not None else ref.p50_ms if ref else None
+        added = r.p50_ms - base if base is not None else 0.0
         best = max(ref.throughput or 0.0, ref.throughput_max or 0.0) if ref else 0.0
         ratio = f"{r.throughput / best:.1%}" if best else "-"
         ratio_b1 = f"{r.throughput / ref.throughput:.1%}" if ref and ref.throughput else "-"
@@ -653,19 +731,39 @@ def triton_venv() -> Path:
     return Path(os.environ.get("MEDEDGE_TRITON_VENV", ".venv-triton"))
 
 
+def _client_note(binary: Path | None, why_not: str) -> str:
+    if binary is not None:
+        return ("clients are C++ processes (edge/tools/loadgen, as perf_analyzer), one request "
+                "in flight each; the batch-1 run alternates with raw session.run in 10 blocks "
+                "(raw, server, raw, server ...), and 'added' is the server's p50 minus the raw "
+                "p50 of those blocks")
+    return (f"clients are Python processes ({why_not}), one request in flight each; 'added' "
+            f"is the server's p50 minus the raw row's")
+
+
 def main(work: Path, models: list[str], batch: int, clients: int, seconds: float,
          threads: int, triton: bool, rounds: int = 3,
-         transports: tuple[str, ...] = TRANSPORTS) -> int:
+         transports: tuple[str, ...] = TRANSPORTS, client: str = "cpp") -> int:
     """Run the bench, print the table and write it (markdown and JSON) under ``work``.
 
     ``threads`` 0 means one intra-op thread per CPU, given explicitly to every system.
+    ``client`` "cpp" drives the servers with the C++ load generator (Python clients where it
+    cannot be built, said in the header), "python" with Python clients.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = threads or os.cpu_count() or 1
     work.mkdir(parents=True, exist_ok=True)
+    binary, why_not = None, "--client python"
+    if client == "cpp":
+        try:
+            binary = loadgen.build()
+        except loadgen.LoadgenUnavailable as exc:
+            why_not = f"the C++ client is unavailable: {exc}"
+            log.warning("mededge bench serve: %s; using Python clients", why_not)
     try:
         results, load = run_bench(work, models, batch, clients, seconds, threads,
-                                  triton_venv() if triton else None, rounds, transports)
+                                  triton_venv() if triton else None, rounds, transports,
+                                  binary)
     except OutputMismatch as exc:
         print(f"mededge bench serve: {exc}")
         return 1
@@ -677,12 +775,11 @@ def main(work: Path, models: list[str], batch: int, clients: int, seconds: float
               f"dynamic batching, max_batch_size {MAX_BATCH}, no queue delay; mededge runs two "
               f"adaptive instances ({max(1, threads // 2)} thread(s) each under load, "
               f"{threads} for a batch that runs alone), Triton one instance of {threads} "
-              f"threads; clients are "
-              f"separate processes, one request in flight each (one encoded KServe v2 request sent "
+              f"threads; {_client_note(binary, why_not)} (one encoded KServe v2 request sent "
               f"back to back over ModelInfer, or on one ModelStreamInfer stream per client for "
               f"the 'streaming' rows, or over ModelInfer with input and output in the client's "
               f"registered system shared-memory regions, input written once, for the 'shared "
-              f"memory' rows; answers checked with tritonclient first).\n\n")
+              f"memory' rows; answers checked with tritonclient first, and by every client).\n\n")
     (work / "bench_serve.md").write_text(header + table)
     (work / "bench_serve.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print(header + table)

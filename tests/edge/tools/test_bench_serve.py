@@ -3,10 +3,12 @@ stopping a server's whole process group. No timing is asserted (DESIGN: benchmar
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,14 @@ from edge.tools.bench_serve import (
     STREAM,
     STREAM_SHM,
     TRITON,
+    UNARY,
     BenchModel,
     Result,
+    _encoded_requests,
     _median,
     bench_server,
     drive,
+    drive_cpp,
     encoded_request,
     markdown,
     start_mededge,
@@ -224,3 +229,87 @@ def test_a_client_that_dies_without_reporting_is_an_error_not_a_wait() -> None:
     with pytest.raises(RuntimeError, match=r"exit codes \[3\]"):
         _collect(out, [proc], deadline=time.monotonic() + 60)
     proc.join()
+
+
+# --- the C++ load generator (edge/tools/loadgen) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def loadgen_binary() -> Path:
+    """Built from the sources (g++, protoc, grpc_cpp_plugin, grpc++: .ci/run installs them)."""
+    from edge.tools import loadgen
+
+    binary = loadgen.build()
+    assert os.access(binary, os.X_OK)
+    return binary
+
+
+@pytest.mark.parametrize("transport", [UNARY, STREAM, SHM, STREAM_SHM])
+def test_cpp_clients_drive_a_real_mededge_server(tmp_path: Path, loadgen_binary: Path,
+                                                transport: str) -> None:
+    spec = _probe_model(tmp_path / "repo")
+    proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
+    try:
+        latencies, throughput = drive_cpp(loadgen_binary, url, spec, 2, 2, 0.5, transport)
+    finally:
+        stop_group(proc)
+    assert latencies and throughput == len(latencies) * 2 / 0.5
+    assert all(0 < v < 5 for v in latencies)
+    leftovers = [p.name for p in Path("/dev/shm").glob("bench-*")]
+    assert not leftovers, f"regions left behind: {leftovers}"
+
+
+def test_cpp_client_errors_surface_with_the_servers_message(tmp_path: Path,
+                                                            loadgen_binary: Path) -> None:
+    import onnxruntime as ort
+
+    _probe_model(tmp_path / "repo")
+    sess = ort.InferenceSession(str(tmp_path / "repo" / "probe" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
+    try:
+        missing = BenchModel("absent", "input", "logits", (3, 8, 8), (3,))
+        for transport in (UNARY, STREAM):
+            with pytest.raises(RuntimeError, match="absent"):  # the server's NOT_FOUND message
+                drive_cpp(loadgen_binary, url, missing, 1, 1, 0.5, transport)
+        other = BenchModel("probe", "input", "nope", (3, 8, 8), (3,))
+        with pytest.raises(RuntimeError, match="nope"):
+            drive_cpp(loadgen_binary, url, other, 1, 1, 0.5, UNARY)
+        result = bench_server(MEDEDGE, url, missing, 1, 1, 0.5, STREAM, loadgen_binary, sess)
+        assert result.p50_ms is None and "absent" in result.note
+    finally:
+        stop_group(proc)
+
+
+def test_paired_batch1_alternates_the_server_with_the_reference(tmp_path: Path,
+                                                                 loadgen_binary: Path) -> None:
+    import onnxruntime as ort
+
+    from edge.tools import loadgen
+
+    spec = _probe_model(tmp_path / "repo")
+    sess = ort.InferenceSession(str(tmp_path / "repo" / "probe" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
+    blocks: list[tuple[float, float]] = []
+
+    def reference(seconds: float) -> list[float]:
+        start = time.monotonic()
+        time.sleep(seconds)
+        blocks.append((start, time.monotonic()))
+        return [seconds]
+
+    try:
+        with _encoded_requests(url, spec, 1, 1, STREAM_SHM) as requests:
+            server, ref = loadgen.paired(loadgen_binary, url, requests[0], spec.output, 1.0,
+                                         True, True, reference, blocks=4)
+        assert len(blocks) == 4 and ref == [0.25] * 4
+        gaps = [b[0] - a[1] for a, b in itertools.pairwise(blocks)]
+        assert all(g >= 0.2 for g in gaps), f"the client's blocks did not run between: {gaps}"
+        assert len(server) > 4
+        row = bench_server(MEDEDGE, url, spec, 2, 2, 0.5, STREAM_SHM, loadgen_binary, sess)
+    finally:
+        stop_group(proc)
+    assert row.p50_ms is not None and row.raw_p50_ms is not None and row.throughput
+    table = markdown([Result("probe", RAW, 1.0, 2.0, 10.0, 20.0),
+                      replace(row, p50_ms=1.5, raw_p50_ms=0.75)], 1, 2)
+    assert "+0.75" in table  # added against the paired raw blocks, not the raw row
