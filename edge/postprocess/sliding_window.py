@@ -13,18 +13,19 @@ window is padded (``pad_mode``) and the output cropped back. Models whose output
 their input by an integer ``output_stride`` (a detector's heads at stride 4) are supported: the
 starts are then multiples of the stride and the map has ``ceil(size / stride)`` cells per axis.
 
-Cost. Everything that does not depend on the pixels (window slices, output cells, the importance
-map and the reciprocal of the summed weights) is planned once per (shape, window, batch) and
-cached; all outputs are blended in one array, so blending is one weighted add per window and
-one multiply at the end. Each batch is cut with one copy per window into a contiguous array
-lent from the plan's :class:`BatchBuffers` and taken back once its results are in (fresh pages
-would be faulted and zeroed for every slice). The first batch is a single window, the rest as
-even as the batch limit allows (9 windows at most 8 a batch go as 1 + 8): the model starts
-after one window's cut while the others are cut (the batches are sent ``no_delay``, so the
-lone first window does not wait the model's queue delay for company). Windows are cut
-channel plane by channel plane, so the rows they share come from the cache. Cutting (a copy of every window,
-memory-bound, 11.8 MB for a 5-channel 512² slice) is then most of the fixed cost; where the
-model keeps every core busy (ONNX Runtime on a CPU) it is not hidden but paid in full.
+Cost. Everything that does not depend on the pixels (window slices, output cells, the
+importance map and the reciprocal of the summed weights) is planned once per (shape, window,
+batch) and cached; all outputs are blended in one array, so blending is one weighted add per
+window and one multiply at the end. Each batch is cut with one copy per window into a
+contiguous array lent from the plan's :class:`BatchBuffers` and taken back once its results are
+in (fresh pages would be faulted and zeroed for every slice). The first batch is a single
+window, the rest as even as the batch limit allows (9 windows at most 8 a batch go as 1 + 8):
+the model starts after one window's cut while the others are cut (the batches are sent
+``no_delay``, so the lone first window does not wait the model's queue delay for company).
+Windows are cut channel plane by channel plane, so the rows they share come from the cache.
+Cutting (a copy of every window, memory-bound, 11.8 MB for a 5-channel 512² slice) is then most
+of the fixed cost; where the model keeps every core busy (ONNX Runtime on a CPU) it is not
+hidden but paid in full.
 """
 
 from __future__ import annotations
