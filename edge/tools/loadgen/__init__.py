@@ -157,7 +157,9 @@ def paired(binary: Path, url: str, request: bytes, output: str, seconds: float, 
     process for a given number of seconds, returning its latencies), alternating in ``blocks``
     blocks that share ``seconds``: reference, client, reference, client ... So both see the
     same machine, and a drift of its speed over the minute (this box's batch-1 p50 moves by
-    up to a millisecond between runs) lands in both. (client latencies, reference latencies).
+    up to a millisecond between runs) lands in both. Each client block starts with two untimed
+    requests, so ``reference`` should warm up the same way (``bench_serve._back_to_back``
+    does). (client latencies, reference latencies).
 
     Raises:
         RuntimeError: the client failed; the message is its error.

@@ -10,8 +10,10 @@
 // --shared-output) left in shared memory. Exit 1 with the reason on stderr otherwise.
 //
 // With --blocks N it measures N blocks of --seconds each, waiting for a line on stdin before
-// each and printing a line "." after each, so that the caller can run its reference (raw ONNX
-// Runtime) between the blocks: both then see the same machine, minute by minute.
+// each (then two untimed requests, as after an idle server the first answers are slow) and
+// printing a line "." after each, so that the caller can run its reference (raw ONNX Runtime,
+// which warms up the same way) between the blocks: both then see the same machine, minute by
+// minute.
 //
 //   kserve_loadgen --url 127.0.0.1:8001 --request req.bin --output logits --seconds 5
 //                  [--stream] [--shared-output] [--start-at 1733000000.5] [--blocks N]
@@ -166,6 +168,8 @@ int main(int argc, char** argv) {
     if (options.blocks > 1) {
       std::string go;
       if (!std::getline(std::cin, go)) Fail("stdin closed before block " + std::to_string(block));
+      // as the reference's blocks start warm, so do these: the server sat idle meanwhile
+      for (int i = 0; i < 2; ++i) Check(client.Infer(), options);
     }
     latencies.clear();
     const auto end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
