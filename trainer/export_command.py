@@ -140,6 +140,7 @@ def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work
         rp.plot_overlays(held.images, held.masks, extra["pred"], labels, out / "overlays.png")
     summary = {"evaluated_on": extra["held_split"], "slices": len(held),
                "best_epoch": int(state.get("best_epoch", state.get("epoch", 0))),
+               "weights": str(state.get("weights", "raw")),
                "train_seconds": train_seconds, "label_rule": rule, "val": metrics["val"],
                extra["held_split"]: metrics["held"], "load_summary": data.summary.as_dict()}
     rp.write_metrics_json(out / "metrics.json", {**summary, "history": history})
@@ -147,7 +148,7 @@ def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work
     prov = provenance(fingerprint=str(state.get("data_fingerprint", data.fingerprint)),
                       seed=int(state.get("seed", 0)),
                       epochs=int(state.get("epochs", state.get("epoch", 0))),
-                      extra={"best_epoch": summary["best_epoch"],
+                      extra={"best_epoch": summary["best_epoch"], "weights": summary["weights"],
                              **({"label_rule": rule} if rule else {})})
     sidecar = make_sidecar(Task(task), labels, PreprocessSpec.from_dict(state["preprocess"]),
                            thresholds=thresholds, prov=prov)

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +24,7 @@ from monai.losses import DiceCELoss
 from tqdm import tqdm
 
 from trainer.augment import AugmentSpec, augment_batch
-from trainer.averaging import EmaWeights
+from trainer.averaging import EmaWeights, EpochAverage
 from trainer.datasets import IGNORE, SliceSet
 from trainer.distributed import DistContext, ShardedWeightedSampler, barrier
 from trainer.metrics import segmentation_metrics
@@ -31,7 +32,7 @@ from trainer.models import predict
 
 log = logging.getLogger(__name__)
 
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, AVERAGE, SNAPSHOTS = "last.pt", "best.pt", "average.pt", "epochs"
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,21 @@ class TrainConfig:
     #: > 0: validate, keep and publish an exponential moving average of the weights with this
     #: per-step decay (trainer/averaging.py) instead of the raw weights; 0: off.
     ema_decay: float = 0.0
+    #: > 0: average the raw weights at the end of each of the last ``average_last`` epochs
+    #: (every epoch of a shorter run; SWA, trainer/averaging.py), recompute its batch-norm
+    #: statistics on ``bn_samples`` training draws (0: an epoch's worth), validate it, and
+    #: publish it (``average.pt``) instead of the validation-maximum checkpoint; 0: off.
+    average_last: int = 0
+    bn_samples: int = 0
+    #: keep every epoch's raw weights as ``WORK/epochs/epoch-NNN.pt`` (for later analysis)
+    snapshots: bool = False
+
+    def __post_init__(self) -> None:
+        if self.average_last < 0:
+            raise ValueError(f"average_last must be >= 0, got {self.average_last}")
+        if self.average_last and self.ema_decay > 0:
+            raise ValueError("average_last and ema_decay are two ways to average the weights; "
+                             "pick one")
 
 
 class TaskHooks(Protocol):
@@ -138,6 +154,8 @@ class TrainResult:
     best_metric: float
     best_checkpoint: Path
     seconds: float
+    #: with ``average_last``: the averaged weights' validation metric (they are published)
+    average_metric: float | None = None
 
 
 def _schedule(total_steps: int, warmup_fraction: float):  # type: ignore[no-untyped-def]
@@ -182,6 +200,8 @@ def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set
     sampler = ShardedWeightedSampler(hooks.sample_weights(train_set), cfg.samples_per_epoch,
                                      rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
     ema = EmaWeights(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    average = EpochAverage(model) if cfg.average_last and ctx.is_main else None
+    first_averaged = cfg.epochs - cfg.average_last + 1
     history: list[dict[str, float]] = []
     best_metric, best_epoch, start_epoch = -math.inf, 0, 1
     if cfg.resume:
@@ -194,6 +214,8 @@ def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set
         start_epoch = ck["epoch"] + 1
         if ema is not None and "ema_state_dict" in ck:
             ema.load_state_dict(ck["ema_state_dict"], int(ck["ema_updates"]))
+        if average is not None and "average_state_dict" in ck:
+            average.load_state_dict(ck["average_state_dict"])
         log.info("resumed from %s at epoch %d", cfg.work_dir / LAST, start_epoch)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -240,8 +262,17 @@ def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set
                 best_metric, best_epoch = metric, epoch
                 state.update(best_metric=best_metric, best_epoch=best_epoch)
                 save_atomically(state, cfg.work_dir / BEST)
-            extra = ({} if ema is None else
-                     {"ema_state_dict": ema.state_dict(), "ema_updates": ema.updates})
+            if cfg.snapshots:
+                (cfg.work_dir / SNAPSHOTS).mkdir(exist_ok=True)
+                save_atomically({**meta, "state_dict": model.state_dict(), "epoch": epoch,
+                                 "weights": "raw"},
+                                cfg.work_dir / SNAPSHOTS / f"epoch-{epoch:03d}.pt")
+            extra: dict[str, Any] = ({} if ema is None else
+                                     {"ema_state_dict": ema.state_dict(),
+                                      "ema_updates": ema.updates})
+            if average is not None and epoch >= first_averaged:
+                average.add(model)
+                extra["average_state_dict"] = average.state_dict()
             save_atomically({**state, **extra, "state_dict": model.state_dict(),
                              "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
@@ -250,5 +281,51 @@ def train(model: torch.nn.Module, hooks: TaskHooks, train_set: SliceSet, val_set
                      cfg.epochs, row["train_loss"], hooks.primary_metric, metric, best_metric,
                      best_epoch, row["seconds"])
         barrier(ctx)
+    if average is not None:
+        metric = _finish_average(average, model, hooks, train_set, val_set, cfg, device, meta,
+                                 history, best_metric, best_epoch)
+        return TrainResult(history=history, best_epoch=best_epoch, best_metric=best_metric,
+                           best_checkpoint=cfg.work_dir / AVERAGE,
+                           seconds=time.monotonic() - started, average_metric=metric)
     return TrainResult(history=history, best_epoch=best_epoch, best_metric=best_metric,
                        best_checkpoint=cfg.work_dir / BEST, seconds=time.monotonic() - started)
+
+
+def training_inputs(hooks: TaskHooks, data: SliceSet, cfg: TrainConfig,
+                    device: torch.device) -> Iterator[torch.Tensor]:
+    """``cfg.bn_samples`` (0: an epoch's worth) training inputs in batches, drawn and
+    augmented as an epoch draws them (a fixed seed of their own): what the batch-norm
+    statistics of averaged weights are measured on."""
+    sampler = ShardedWeightedSampler(hooks.sample_weights(data),
+                                     cfg.bn_samples or cfg.samples_per_epoch, seed=cfg.seed)
+    sampler.set_epoch(cfg.epochs + 1)
+    order = np.fromiter(iter(sampler), dtype=np.int64)
+    rng = np.random.default_rng([cfg.seed, cfg.epochs + 1, 0])
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + (cfg.epochs + 1) * 10)
+    for start in range(0, len(order), cfg.batch_size):
+        x, _, mask = hooks.make_batch(data, order[start:start + cfg.batch_size], rng)
+        x, _ = augment_batch(x.to(device), None if mask is None else mask.to(device),
+                             cfg.augment, gen)
+        yield x
+
+
+def _finish_average(average: EpochAverage, model: torch.nn.Module, hooks: TaskHooks,
+                    train_set: SliceSet, val_set: SliceSet, cfg: TrainConfig,
+                    device: torch.device, meta: dict[str, Any], history: list[dict[str, float]],
+                    best_metric: float, best_epoch: int) -> float:
+    """Recompute the averaged weights' batch-norm statistics, validate them and write
+    ``average.pt``; returns their validation metric."""
+    averaged = average.finish(training_inputs(hooks, train_set, cfg, device), device)
+    probs = predict(averaged, val_set.images, device)
+    metrics = {f"val_{k}": v for k, v in hooks.evaluate(probs, val_set).items()}
+    metric = metrics[f"val_{hooks.primary_metric}"]
+    label = f"average of epochs {cfg.epochs - average.count + 1}-{cfg.epochs}"
+    save_atomically({**meta, "state_dict": averaged.state_dict(), "epoch": cfg.epochs,
+                     "weights": label, "average_epochs": average.count,
+                     "average_metrics": metrics, "history": history,
+                     "validation_maximum": {"metric": best_metric, "epoch": best_epoch},
+                     "best_metric": metric, "best_epoch": cfg.epochs},
+                    cfg.work_dir / AVERAGE)
+    log.info("%s: val %s %.4f (validation maximum %.4f @ %d)", label, hooks.primary_metric,
+             metric, best_metric, best_epoch)
+    return metric

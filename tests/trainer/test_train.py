@@ -38,7 +38,8 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _check_published(repo: Path, name: str, version: int, task: Task, data: Path) -> None:
+def _check_published(repo: Path, name: str, version: int, task: Task, data: Path,
+                     checkpoint: str = "best.pt") -> None:
     model_dir = repo / name
     config = read_model_config(model_dir)
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
@@ -66,7 +67,7 @@ def _check_published(repo: Path, name: str, version: int, task: Task, data: Path
         spec.context_slices, spec.context_spacing_mm).images[:6]
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"image": slices})[0]
-    state = torch.load(repo.parent / "runs" / name / "best.pt", weights_only=False)
+    state = torch.load(repo.parent / "runs" / name / checkpoint, weights_only=False)
     model = build_model(ModelSpec.from_dict(state["model_spec"]))
     model.load_state_dict(state["state_dict"])
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_classify_train_publish_resume_export(synth: Path, tmp_path: Path) -> No
     repo = tmp_path / "models"
     base = ["train", "classify", "--data", str(synth), "--repo", str(repo), "--model", "cls"]
     assert cli([*base, "--epochs", "1", *TINY]) == 0
-    _check_published(repo, "cls", 1, Task.CLASSIFY, synth)
+    _check_published(repo, "cls", 1, Task.CLASSIFY, synth, checkpoint="average.pt")
     report = repo.parent / "runs" / "cls" / "report"
     for png in ("learning_curves.png", "roc.png", "confusion_matrix.png"):
         assert (report / png).stat().st_size > 1000
@@ -89,6 +90,7 @@ def test_classify_train_publish_resume_export(synth: Path, tmp_path: Path) -> No
     history = json.loads((report / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert read_sidecar(repo / "cls").versions.keys() == {1, 2}
+    _check_published(repo, "cls", 2, Task.CLASSIFY, synth, checkpoint="average.pt")
 
     ck = repo.parent / "runs" / "cls" / "best.pt"
     assert cli(["export", "--checkpoint", str(ck), "--data", str(synth), "--repo", str(repo),
@@ -156,6 +158,25 @@ def test_ema_weights_are_validated_kept_and_resumed(synth: Path, tmp_path: Path)
                for k, v in best["state_dict"].items() if v.is_floating_point())
     assert cli([*base, "--epochs", "2", "--resume"]) == 0
     assert torch.load(work / "last.pt", weights_only=False)["ema_updates"] == 6
+
+
+def test_average_of_the_last_epochs_is_published(synth: Path, tmp_path: Path) -> None:
+    """With --average-last 2 the mean of the last two epochs' weights (batch-norm statistics
+    measured anew) is what average.pt holds and what is published; --snapshots keeps every
+    epoch's raw weights."""
+    repo = tmp_path / "models"
+    assert cli(["train", "classify", "--data", str(synth), "--repo", str(repo), "--model", "avg",
+                "--epochs", "3", "--average-last", "2", "--snapshots", *TINY]) == 0
+    work = repo.parent / "runs" / "avg"
+    avg = torch.load(work / "average.pt", weights_only=False)
+    assert avg["weights"] == "average of epochs 2-3" and avg["average_epochs"] == 2
+    snaps = [torch.load(work / "epochs" / f"epoch-{e:03d}.pt", weights_only=False)["state_dict"]
+             for e in (1, 2, 3)]
+    for key, value in avg["state_dict"].items():
+        if value.is_floating_point() and "running_" not in key:
+            torch.testing.assert_close(value, (snaps[1][key] + snaps[2][key]) / 2)
+    assert read_sidecar(repo / "avg").provenance["weights"] == "average of epochs 2-3"
+    _check_published(repo, "avg", 1, Task.CLASSIFY, synth, checkpoint="average.pt")
 
 
 def test_heldout_scores_a_checkpoint_on_every_study(synth: Path, tmp_path: Path,
