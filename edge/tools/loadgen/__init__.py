@@ -142,11 +142,17 @@ def drive(binary: Path, url: str, requests: Sequence[bytes], output: str, second
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for f in files]
         results = []
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=seconds + 120)
-            if proc.returncode != 0:
-                raise RuntimeError(stderr.strip() or f"exit code {proc.returncode}")
-            results.append(_latencies(stdout))
+        try:
+            for proc in procs:
+                stdout, stderr = proc.communicate(timeout=seconds + 120)
+                if proc.returncode != 0:
+                    raise RuntimeError(stderr.strip() or f"exit code {proc.returncode}")
+                results.append(_latencies(stdout))
+        finally:  # one client failed: the others are not left running
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     return results
 
 
@@ -164,12 +170,13 @@ def paired(binary: Path, url: str, request: bytes, output: str, seconds: float, 
     Raises:
         RuntimeError: the client failed; the message is its error.
     """
-    block = seconds / max(1, blocks)
+    blocks = max(2, blocks)
+    block = seconds / blocks
     with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
         file = Path(tmp) / "request.bin"
         file.write_bytes(request)
         proc = subprocess.Popen(_command(binary, url, file, output, block, stream,
-                                         shared_output, blocks=max(2, blocks)),
+                                         shared_output, blocks=blocks),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         assert proc.stdin is not None and proc.stdout is not None
@@ -180,7 +187,7 @@ def paired(binary: Path, url: str, request: bytes, output: str, seconds: float, 
         client: list[float] = []
         ref: list[float] = []
         try:
-            for _ in range(max(2, blocks)):
+            for _ in range(blocks):
                 ref += reference(block)
                 proc.stdin.write("\n")
                 proc.stdin.flush()
