@@ -263,9 +263,12 @@ def test_overhead_helper_runs_and_reports(tmp_path: Path) -> None:
                    more=[*hidden, (rng.normal(size=(2, 16, 3, 3)) / 12, np.zeros(2))])
     try:
         image = rng.normal(size=(1, 512, 512)).astype(np.float32)
-        report = measure_overhead(image, model, WindowSpec((256, 256), overlap=0.5), repeats=2)
-        assert report.tiles == 9 and report.batches == (1, 4, 4) and report.repeats == 2
+        report = measure_overhead(image, model, WindowSpec((256, 256), overlap=0.5), blocks=2,
+                                  per_block=2, pairs=2)
+        assert report.tiles == 9 and report.batches == (1, 4, 4)
+        assert (report.blocks, report.per_block, report.pairs) == (2, 2, 2)
         assert report.raw_s > 0 and report.sliding_s > 0 and report.raw_median_s >= report.raw_s
+        assert report.sliding_median_s >= report.sliding_s
         print(f"sliding-window overhead over raw tile compute: {report.fraction:+.1%} "
               f"(fixed cost {report.fixed_s * 1e3:.1f} ms per call; best "
               f"{report.sliding_s * 1e3:.1f} ms vs {report.raw_s * 1e3:.1f} ms, "

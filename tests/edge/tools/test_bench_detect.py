@@ -75,7 +75,8 @@ def test_bench_detect_states_the_sliding_window_overhead(repo: Path, tmp_path: P
     assert "overhead" in printed and "(target < 10 %)" in printed and "load average" in printed
     result = json.loads(out.read_text())
     assert result["sliding_tiles"] == 9 and result["sliding_batches"] == [1, 8]
-    assert result["sliding_repeats"] >= 100
+    assert result["sliding_blocks"] >= 10 and result["sliding_per_block"] == 10
+    assert result["sliding_pairs"] == 100 and "alternating pairs" in printed
     assert result["sliding_overhead"] == pytest.approx(
         result["sliding_fixed_s"] / result["sliding_raw_median_s"])
     assert result["sliding_raw_s"] > 0 and result["load_average_1m"] >= 0
