@@ -36,6 +36,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -420,19 +421,39 @@ def drive_cpp(loadgen_binary: Path, url: str, spec: BenchModel, batch: int, clie
     return latencies, len(latencies) * batch / seconds
 
 
+#: The fewest batch-1 requests each side of a paired run gets: a slow model's run is
+#: stretched past ``--seconds`` to reach it (U-Net at ~100 ms a request: 6 s are 60 requests,
+#: 6 a block, and its p50 moved by several ms between such runs).
+MIN_B1_REQUESTS = 120
+
+
 def paired_b1(loadgen_binary: Path, url: str, spec: BenchModel, seconds: float,
               transport: str, sess: Any) -> tuple[list[float], list[float]]:
     """Batch-1 latencies of one C++ client and of raw ``sess.run``, in alternating blocks
-    (:func:`edge.tools.loadgen.paired`): (server, raw).
+    (:func:`edge.tools.loadgen.paired`): (server, raw). Each side runs ``seconds``, or as long
+    as :data:`MIN_B1_REQUESTS` raw runs take if that is longer.
 
     Raises:
         RuntimeError: the client failed; the message is its error.
     """
     one = {spec.input: np.random.default_rng(0).random((1, *spec.shape), dtype=np.float32)}
+    estimate = _estimate(lambda: sess.run(None, one))
+    seconds = max(seconds, MIN_B1_REQUESTS * estimate)
     with _encoded_requests(url, spec, 1, 1, transport) as requests:
         return loadgen.paired(loadgen_binary, url, requests[0], spec.output, seconds,
                               transport in (STREAM, STREAM_SHM), transport in _SHARED,
                               lambda s: _back_to_back(lambda: sess.run(None, one), s))
+
+
+def _estimate(run: Callable[[], object], repeats: int = 3) -> float:
+    """Seconds one ``run`` takes: the median of ``repeats`` after one untimed."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: int,
@@ -735,8 +756,9 @@ def _client_note(binary: Path | None, why_not: str) -> str:
     if binary is not None:
         return ("clients are C++ processes (edge/tools/loadgen, as perf_analyzer), one request "
                 "in flight each; the batch-1 run alternates with raw session.run in 10 blocks "
-                "(raw, server, raw, server ...), and 'added' is the server's p50 minus the raw "
-                "p50 of those blocks")
+                f"(raw, server, raw, server ...; at least {MIN_B1_REQUESTS} requests a side, "
+                "so slow models run longer than --seconds), and 'added' is the server's p50 "
+                "minus the raw p50 of those blocks")
     return (f"clients are Python processes ({why_not}), one request in flight each; 'added' "
             f"is the server's p50 minus the raw row's")
 

@@ -10,12 +10,14 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from edge.tools.bench_serve import (
     MEDEDGE,
+    MIN_B1_REQUESTS,
     RAW,
     SHM,
     STREAM,
@@ -31,6 +33,7 @@ from edge.tools.bench_serve import (
     drive_cpp,
     encoded_request,
     markdown,
+    paired_b1,
     start_mededge,
     verify_shared_memory,
 )
@@ -307,8 +310,18 @@ def test_paired_batch1_alternates_the_server_with_the_reference(tmp_path: Path,
         assert all(g >= 0.2 for g in gaps), f"the client's blocks did not run between: {gaps}"
         assert len(server) > 4
         row = bench_server(MEDEDGE, url, spec, 2, 2, 0.5, STREAM_SHM, loadgen_binary, sess)
+
+        class Slow:  # a 5 ms model: 0.1 s would be 20 requests, fewer than the minimum
+            def run(self, names: Any, feed: Any) -> Any:
+                time.sleep(0.005)
+                return sess.run(names, feed)
+
+        started = time.monotonic()
+        _, slow_ref = paired_b1(loadgen_binary, url, spec, 0.1, STREAM_SHM, Slow())
+        took = time.monotonic() - started
     finally:
         stop_group(proc)
+    assert len(slow_ref) >= 0.8 * MIN_B1_REQUESTS and took >= MIN_B1_REQUESTS * 0.005
     assert row.p50_ms is not None and row.raw_p50_ms is not None and row.throughput
     table = markdown([Result("probe", RAW, 1.0, 2.0, 10.0, 20.0),
                       replace(row, p50_ms=1.5, raw_p50_ms=0.75)], 1, 2)
