@@ -26,6 +26,9 @@ class AugmentSpec:
     intensity_scale: float = 0.05  # multiply by 1 +- this
     intensity_shift: float = 0.05  # add +- this
     noise_std: float = 0.02
+    #: through-plane (head-foot) flip: the channels (2.5D context, above and below the slice)
+    #: in reverse order; the centre slice and the mask are unchanged
+    depth_flip_prob: float = 0.0
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
@@ -78,4 +81,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor | None, spec: Augmen
     if spec.noise_std > 0:
         noise = torch.randn(out.shape, generator=gen).to(device=device, dtype=out.dtype)
         out = out + spec.noise_std * noise
+    if spec.depth_flip_prob > 0:  # drawn last, so the other draws stay those of runs without
+        flip = (torch.rand(n, generator=gen) < spec.depth_flip_prob).to(device)
+        out = torch.where(flip.view(n, 1, 1, 1), out.flip(1), out)
     return out, out_masks

@@ -139,7 +139,9 @@ class ClassifyHooks:
                 (im[:, y:y + c, x:x + c], m[y:y + c, x:x + c]) for im, m, (y, x) in pairs],
                 strict=True))
             labels = (masks == NODULE).any(axis=(1, 2)).astype(np.int64) * (labels == 1)
-        return (torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
+        # the slices may be stored as float16 (SliceSet.with_context); the model takes float32
+        return (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
+                torch.from_numpy(labels),
                 None if masks is None else torch.from_numpy(np.ascontiguousarray(masks)))
 
     def loss(self, output: Any, label: torch.Tensor | None,

@@ -152,7 +152,7 @@ def finish(state: dict[str, Any], data: SliceSet, *, repo: Path, name: str, work
                              **({"label_rule": rule} if rule else {})})
     sidecar = make_sidecar(Task(task), labels, PreprocessSpec.from_dict(state["preprocess"]),
                            thresholds=thresholds, prov=prov)
-    samples = (data.subset("val").images[:16])
+    samples = np.asarray(data.subset("val").images[:16], np.float32)
     if task == "classify":  # second output: the class-activation map (trainer/cam.py)
         from dataclasses import replace
 

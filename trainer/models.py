@@ -18,7 +18,10 @@ from monai.networks.nets import ResNet as MonaiResNet
 from monai.networks.nets import UNet
 
 #: Flip views of :attr:`ModelSpec.flip_views`: the tensor dims each flips ((N, C, H, W)).
-FLIP_DIMS = {"h": (3,), "v": (2,), "hv": (2, 3)}
+#: "z" reverses the channels: the 2.5D context through-plane (head-foot); the one-channel
+#: evidence map needs no flipping back along it.
+FLIP_DIMS = {"h": (3,), "v": (2,), "hv": (2, 3), "z": (1,), "hz": (1, 3), "vz": (1, 2),
+             "hvz": (1, 2, 3)}
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class ModelSpec:
     #: touching lung or nodule) and the nodule evidence is gated by it (see NoduleClassifier)
     lung_gate: bool = False
     #: classifier, eval mode (validation, export, serving): the evidence map is averaged over
-    #: the input and these flips of it ("h": left-right, "v": front-back, "hv": both), each
+    #: the input and these flips of it ("h": left-right, "v": front-back, "hv": both; with
+    #: "z" added: also reversed through-plane, :data:`FLIP_DIMS`), each
     #: map flipped back, before the maximum; part of the graph, so serving and the trainer's
     #: metric agree. Training runs one view (the augmentation draws the flips).
     flip_views: tuple[str, ...] = ()
@@ -218,12 +222,14 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device,
             batch_size: int = 64) -> np.ndarray:
-    """Softmax probabilities of ``images`` (N, 1, H, W), in eval mode, as float32 numpy."""
+    """Softmax probabilities of ``images`` (N, C, H, W; float32, or float16 cast batch by
+    batch), in eval mode, as float32 numpy."""
     was_training = model.training
     model.eval()
     outs = []
     for start in range(0, images.shape[0], batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size],
+                                                  dtype=np.float32)).to(device)
         outs.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
     model.train(was_training)
     if not outs:

@@ -207,3 +207,20 @@ def test_small_cross_sections_are_drawn_more_often_and_classes_stay_balanced() -
     assert w[3] == pytest.approx(3 * w[4]) and w[4] == pytest.approx(w[5])
     even = ClassifyHooks().sample_weights(replace(data, nodule_mm=None))
     assert even[3] == pytest.approx(even[4])
+
+
+def test_through_plane_view_reverses_the_context_inside_the_graph() -> None:
+    torch.manual_seed(0)
+    spec = ModelSpec("classify", 2, widths=(8, 16, 32), head_stride=4, in_channels=5)
+    plain = build_model(spec).eval()
+    views = ("h", "v", "hv", "z", "hz", "vz", "hvz")
+    model = build_model(ModelSpec.from_dict({**spec.to_dict(), "flip_views": list(views)}))
+    model.load_state_dict(plain.state_dict())
+    model.eval()
+    x = torch.randn(2, 5, 64, 64)
+    with torch.no_grad():
+        dims = ((), (3,), (2,), (2, 3), (1,), (1, 3), (1, 2), (1, 2, 3))
+        want = sum(plain.dense(x.flip(d)).flip(d) for d in dims) / 8
+        np.testing.assert_allclose(model.dense(x).numpy(), want.numpy(), atol=1e-5)
+        # the eight views are a group: reversing the context leaves the answer unchanged
+        np.testing.assert_allclose(model(x.flip(1)).numpy(), model(x).numpy(), atol=1e-5)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from edge.core.errors import DataError
 from edge.preprocess.context import stack_context
@@ -217,3 +218,51 @@ def test_prepare_data_stacks_a_mm_context(synth: Path, tmp_path: Path) -> None:
     data = prepare_data(args, spec)
     assert data.images.shape[1:] == (5, 32, 32) and data.context_slices == 2
     assert spec.single_slice() == SPEC
+    assert data.images.dtype == np.float16  # the classifier's default storage
+    for split in ("train", "val", "test"):  # each split one run: the subsets are views
+        if (data.splits == split).any():
+            assert np.shares_memory(data.subset(split).images, data.images)
+
+
+def test_grouped_by_split_gives_the_same_subsets_as_views(synth: Path) -> None:
+    data = load_synthetic(synth, SPEC, progress=False)
+    assert len(set(data.splits)) > 1
+    grouped = data.grouped_by_split()
+    ranks = [("train", "val", "test").index(s) for s in grouped.splits]
+    assert ranks == sorted(ranks) and sorted(grouped.sources) == sorted(data.sources)
+    for split in ("train", "val", "test"):
+        before, after = data.subset(split), grouped.subset(split)
+        assert list(after.sources) == list(before.sources)  # the order within a split kept
+        np.testing.assert_array_equal(after.images, before.images)
+        np.testing.assert_array_equal(after.masks, before.masks)
+        np.testing.assert_array_equal(after.nodule_mm, before.nodule_mm)
+        assert np.shares_memory(after.images, grouped.images)
+    assert grouped.grouped_by_split() is grouped
+    # an index array or a scattered selection still copies, in the order asked for
+    picked = grouped.select(np.array([3, 0, 2]))
+    assert list(picked.sources) == [grouped.sources[i] for i in (3, 0, 2)]
+    scattered = np.zeros(len(grouped), bool)
+    scattered[[0, 2]] = True
+    assert not np.shares_memory(grouped.select(scattered).images, grouped.images)
+
+
+def test_float16_storage_gives_the_same_crops_within_float16_precision(synth: Path) -> None:
+    from trainer.classify import ClassifyHooks
+
+    spec = PreprocessSpec(height=64, width=64, window_center=-600, window_width=1500)
+    data = load_synthetic(synth, spec, progress=False)
+    full = data.with_context(2, 4.0)
+    half = data.with_context(2, 4.0, dtype=np.float16)
+    assert full.images.dtype == np.float32 and half.images.dtype == np.float16
+    assert full.images.nbytes == 2 * half.images.nbytes
+    np.testing.assert_array_equal(half.images, full.images.astype(np.float16))
+    hooks = ClassifyHooks(min_visible_mm=3.0, crop=32)
+    idx = np.flatnonzero(hooks.sample_weights(full) > 0)
+    x32, y32, m32 = hooks.make_batch(full, idx, np.random.default_rng(5))
+    x16, y16, m16 = hooks.make_batch(half, idx, np.random.default_rng(5))
+    assert x16.dtype == x32.dtype == torch.float32 and x16.shape == x32.shape
+    # the same windows (same labels and masks), pixels within float16's rounding
+    assert y16 is not None and y32 is not None and (y16 == y32).all()
+    assert m16 is not None and m32 is not None and (m16 == m32).all()
+    np.testing.assert_allclose(x16.numpy(), x32.numpy(), rtol=2.0 ** -11, atol=2.0 ** -24)
+    assert float((x16 - x32).abs().max()) > 0  # really stored at lower precision

@@ -48,11 +48,12 @@ class LoadSummary:
 class SliceSet:
     """Preprocessed 2D slices ready for a model.
 
-    ``images`` (N, 1, H, W) float32 in model-input units; ``labels`` (N,) int64 slice class
-    (-1 unknown); ``masks`` (N, H, W) uint8 class-index maps or None; ``groups`` the study (or
-    series) each slice belongs to; ``splits`` one of :data:`SPLITS` per slice; ``sources`` the
-    file each slice came from, relative to the data folder. ``nodule_mm`` (N,) float32, where
-    the data has nodule masks: the equivalent-circle diameter in mm of the largest nodule
+    ``images`` (N, 1, H, W) float32 in model-input units (float16 where :meth:`with_context` was
+    asked to store them so: consumers cast batches to float32); ``labels`` (N,) int64 slice
+    class (-1 unknown); ``masks`` (N, H, W) uint8 class-index maps or None; ``groups`` the study
+    (or series) each slice belongs to; ``splits`` one of :data:`SPLITS` per slice; ``sources``
+    the file each slice came from, relative to the data folder. ``nodule_mm`` (N,) float32,
+    where the data has nodule masks: the equivalent-circle diameter in mm of the largest nodule
     cross-section on the slice, measured on the stored (unresized) mask with the pixel spacing
     (0 where no nodule touches the slice, NaN where unknown); None when no masks at all.
     ``geometry`` (N, 9) float64: ImagePositionPatient (3) and ImageOrientationPatient (6) of
@@ -82,13 +83,31 @@ class SliceSet:
         return self.select(self.splits == split)
 
     def select(self, keep: np.ndarray) -> SliceSet:
-        """The slices where the boolean vector ``keep`` is set (every per-slice array)."""
+        """The slices where the boolean vector ``keep`` is set (every per-slice array), or
+        those an integer index array names, in its order. Where the set slices form one
+        contiguous run the arrays are views of this set's, not copies (see
+        :meth:`grouped_by_split`)."""
+        run = _contiguous_run(keep)
+        sel = keep if run is None else run
         return replace(
-            self, images=self.images[keep], labels=self.labels[keep],
-            masks=None if self.masks is None else self.masks[keep], groups=self.groups[keep],
-            splits=self.splits[keep], sources=self.sources[keep],
-            nodule_mm=None if self.nodule_mm is None else self.nodule_mm[keep],
-            geometry=None if self.geometry is None else self.geometry[keep])
+            self, images=self.images[sel], labels=self.labels[sel],
+            masks=None if self.masks is None else self.masks[sel], groups=self.groups[sel],
+            splits=self.splits[sel], sources=self.sources[sel],
+            nodule_mm=None if self.nodule_mm is None else self.nodule_mm[sel],
+            geometry=None if self.geometry is None else self.geometry[sel])
+
+    def grouped_by_split(self) -> SliceSet:
+        """The same slices reordered so that each split is one contiguous run (train, val,
+        test, then any other; the order within a split kept), so that :meth:`subset` returns
+        views instead of copies: the training, validation and test sets then share the
+        memory of the whole set. Each split's slices come out in the order ``subset`` gave
+        before, so training draws the same slices either way."""
+        rank = {s: i for i, s in enumerate(SPLITS)}
+        key = np.array([rank.get(str(s), len(SPLITS)) for s in self.splits], np.int64)
+        order = np.argsort(key, kind="stable")
+        if np.array_equal(order, np.arange(len(order))):
+            return self
+        return self.select(order)
 
     def volume_order(self) -> list[tuple[np.ndarray, list[float]]]:
         """Per group (in order of first appearance): the indices of its slices in volume
@@ -116,13 +135,16 @@ class SliceSet:
         order, _, distances = slice_order(frames)
         return order, distances
 
-    def with_context(self, k: int, spacing_mm: float | None = None) -> SliceSet:
+    def with_context(self, k: int, spacing_mm: float | None = None,
+                     dtype: np.dtype | type = np.float32) -> SliceSet:
         """The same slices as 2.5D inputs: each slice's image stacked with its ``k``
         neighbours on each side within its group, in volume order, edge slices replicated;
         with ``spacing_mm``, the group's volume at multiples of that distance along the normal
         (:func:`edge.preprocess.context.stack_context`, as serving stacks them). ``images``
-        becomes (N, 2k + 1, H, W); labels and masks stay those of the centre slice. Call it on
-        the whole loaded set, before slices are dropped, so neighbours are the real ones.
+        becomes (N, 2k + 1, H, W) of ``dtype`` (float16 halves the memory of the 2k + 1
+        copies of every slice: the classifier and the detector store theirs so, and cast each
+        batch to float32); labels and masks stay those of the centre slice. Call it on the
+        whole loaded set, before slices are dropped, so neighbours are the real ones.
 
         Raises:
             ValueError: ``k`` < 0, or the set is already stacked.
@@ -131,11 +153,12 @@ class SliceSet:
             raise ValueError(f"with_context({k}) on a set with context {self.context_slices}")
         if k == 0 or len(self) == 0:
             return self
-        images = np.empty((len(self), 2 * k + 1, *self.images.shape[2:]), np.float32)
-        for rows, distances in self.volume_order():
+        images = np.empty((len(self), 2 * k + 1, *self.images.shape[2:]), dtype)
+        for rows, distances in self.volume_order():  # computed in float32, then stored
             images[rows] = stack_context(self.images[rows], k, distances=distances,
                                          spacing_mm=spacing_mm)
         return replace(self, images=images, context_slices=k)
+
     def has_masks(self) -> bool:
         return self.masks is not None
 
@@ -144,6 +167,18 @@ class SliceSet:
 
 
 IGNORED_LABEL = -1
+
+
+def _contiguous_run(keep: np.ndarray) -> slice | None:
+    """``keep`` (a boolean vector) as a slice when its set entries form one contiguous run;
+    None otherwise (or for an index array)."""
+    keep = np.asarray(keep)
+    if keep.dtype != bool or keep.ndim != 1:
+        return None
+    idx = np.flatnonzero(keep)
+    if len(idx) == 0 or int(idx[-1]) - int(idx[0]) + 1 != len(idx):
+        return None
+    return slice(int(idx[0]), int(idx[-1]) + 1)
 
 
 def visible_nodule_labels(labels: np.ndarray, nodule_mm: np.ndarray | None,
