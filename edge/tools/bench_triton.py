@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,10 @@ import numpy as np
 
 #: The Triton server, run by the Triton venv's python. argv: model path, model name, input name,
 #: output name, intra-op threads, gRPC port (HTTP and metrics on the next two), and optionally
-#: max_batch_size (default 8) and session config entries as JSON. Same session options as
+#: max_batch_size (default 8), session config entries as JSON and a file descriptor to write
+#: "triton ready" to once the model is bound (a pipe of the starter's own: tritonserver writes
+#: its log to the same stdout, and a line of it can land in the middle of a printed marker).
+#: Same session options as
 #: mededge's backend and the raw reference: intra-op ``threads``, inter-op 1, ORT_ENABLE_ALL,
 #: the config entries (no spinning), CPU provider. Triton's dynamic batcher with
 #: no queue delay, as mededge's bench config. No endpoint restricted by token (shared memory
@@ -46,6 +51,7 @@ from pytriton.triton import Triton, TritonConfig
 path, name, inp, out, threads, port = sys.argv[1:7]
 max_batch = int(sys.argv[7]) if len(sys.argv) > 7 else 8
 entries = json.loads(sys.argv[8]) if len(sys.argv) > 8 else {}
+ready_fd = int(sys.argv[9]) if len(sys.argv) > 9 else None
 so = ort.SessionOptions()
 so.intra_op_num_threads = int(threads)
 so.inter_op_num_threads = 1
@@ -75,6 +81,9 @@ with Triton(config=config, **security) as triton:
                 config=ModelConfig(max_batch_size=max_batch,
                                    batcher=DynamicBatcher(max_queue_delay_microseconds=0)))
     print("triton ready numpy", np.__version__, "onnxruntime", ort.__version__, flush=True)
+    if ready_fd is not None:
+        os.write(ready_fd, b"triton ready\\n")
+        os.close(ready_fd)
     triton.serve()
 """
 
@@ -184,32 +193,33 @@ def start_triton(venv: Path, path: Path, name: str, inp: str, out: str, threads:
     script = work / "triton_server.py"
     script.write_text(TRITON_SCRIPT)
     port = free_port_block(3)
-    proc = subprocess.Popen(
-        [str(python), str(script), str(path), name, inp, out, str(threads), str(port),
-         str(max_batch), json.dumps(session_config or {})], stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=work)
-    assert proc.stdout is not None
-    tail: list[str] = []
-    timer = threading.Timer(timeout_s, lambda: stop_group(proc, 5.0))
-    timer.start()
+    ready_read, ready_write = os.pipe()
     try:
-        for line in proc.stdout:
-            tail = (tail + [line])[-20:]
-            if line.startswith("triton ready"):
-                _drain(proc)
-                return TritonServer(proc, f"127.0.0.1:{port}", note)
+        proc = subprocess.Popen(
+            [str(python), str(script), str(path), name, inp, out, str(threads), str(port),
+             str(max_batch), json.dumps(session_config or {}), str(ready_write)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, cwd=work, pass_fds=(ready_write,))
     finally:
-        timer.cancel()
+        os.close(ready_write)  # the child's copy is the only writer: its exit reads as EOF
+    tail: deque[str] = deque(maxlen=20)
+    _drain(proc, tail)
+    with os.fdopen(ready_read, "rb") as ready:
+        if select.select([ready], [], [], timeout_s)[0] and \
+                ready.readline().startswith(b"triton ready"):
+            return TritonServer(proc, f"127.0.0.1:{port}", note)
     stop_group(proc, 5.0)
-    lines = [t.strip() for t in tail if t.strip()]
+    lines = [t.strip() for t in list(tail) if t.strip()]
     raise TritonUnavailable("Triton did not start: " + " | ".join(lines[-3:])[-300:])
 
 
-def _drain(proc: subprocess.Popen) -> None:
-    """Keep reading the server's output so a full pipe never blocks it."""
+def _drain(proc: subprocess.Popen, tail: deque[str]) -> None:
+    """Keep reading the server's output (its last lines into ``tail``) so that a full pipe
+    never blocks it."""
     stream = proc.stdout
     if stream is not None:
-        threading.Thread(target=stream.read, daemon=True, name="triton-log").start()
+        threading.Thread(target=lambda: tail.extend(stream), daemon=True,
+                         name="triton-log").start()
 
 
 def check_outputs(system: str, infer: Callable[[np.ndarray], np.ndarray | None],
