@@ -44,6 +44,11 @@ class Int8Options:
     QLinearConcat and the VNNI/AMX U8S8 kernels (S8S8 left the U-Net's Concats in float and ran
     at half the FP32 speed here). TensorRT wants int8 symmetric activations:
     ``activation_type="int8", symmetric_activations=True``.
+
+    ``reduce_range`` quantises weights to 7 bits. ``None`` (default) decides by the CPU: on x86
+    without VNNI, ONNX Runtime's U8S8 kernels multiply with ``vpmaddubsw``, whose pairwise sums
+    saturate at int16 with full-range weights (ONNX Runtime's quantisation docs recommend
+    ``reduce_range`` there); with VNNI, AMX or off x86 the full range is kept.
     """
 
     method: str = "minmax"
@@ -51,6 +56,7 @@ class Int8Options:
     activation_type: str = "uint8"
     weight_type: str = "int8"
     symmetric_activations: bool = False
+    reduce_range: bool | None = None
     exclude_nodes: tuple[str, ...] = ()
     percentile: float = 99.999
     batch_size: int = 8
@@ -64,6 +70,32 @@ class Int8Options:
                 raise ValueError(f"quantisation type {name!r}: not one of {TYPES}")
         if self.symmetric_activations and self.activation_type != "int8":
             raise ValueError("symmetric activations (TensorRT) need activation type int8")
+
+
+def cpu_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU has an 8-bit dot-product instruction (AVX-512 VNNI, AVX-VNNI, AMX), or
+    is not x86 (no saturating ``vpmaddubsw`` path); False on x86 without them."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return True  # unknown: keep the full range
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _reduce_range(options: Int8Options) -> bool:
+    if options.reduce_range is not None:
+        return options.reduce_range
+    u8s8 = options.activation_type == "uint8" and options.weight_type == "int8"
+    return u8s8 and not cpu_has_vnni()
 
 
 def _input_name(path: Path) -> str:
@@ -111,10 +143,11 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray,
                                     "CalibTensorRangeSymmetric": options.symmetric_activations,
                                     **options.extra}
         reader = calibration_reader(input_name, calibration, options.batch_size)
+        reduce_range = _reduce_range(options)
         try:
             quantize_static(
                 str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
-                per_channel=options.per_channel,
+                per_channel=options.per_channel, reduce_range=reduce_range,
                 activation_type=types[options.activation_type],
                 weight_type=types[options.weight_type],
                 nodes_to_exclude=list(options.exclude_nodes) or None,
@@ -129,7 +162,8 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray,
     return {"method": options.method, "per_channel": options.per_channel,
             "activation_type": options.activation_type, "weight_type": options.weight_type,
             "symmetric_activations": options.symmetric_activations,
-            "exclude_nodes": list(options.exclude_nodes), "calibration_samples": len(calibration),
+            "reduce_range": reduce_range, "exclude_nodes": list(options.exclude_nodes),
+            "calibration_samples": len(calibration),
             "quantize_linear": ops["QuantizeLinear"], "dequantize_linear": ops["DequantizeLinear"],
             "cpu_int8_kernels": cpu_int8_kernels(target)}
 

@@ -60,3 +60,22 @@ def test_excluded_nodes_stay_float(tmp_path: Path, trained: dict[str, Path]) -> 
                             Int8Options(exclude_nodes=(first_conv,), method="percentile"))
     kernels = details["cpu_int8_kernels"]
     assert isinstance(kernels, dict) and kernels["float_ops_left"] >= 1, kernels
+
+
+def test_weights_use_seven_bits_only_on_x86_without_vnni(tmp_path: Path) -> None:
+    """reduce_range follows /proc/cpuinfo's flags on x86; an explicit option wins."""
+    import platform
+
+    from converters import int8
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the VNNI check only reads flags on x86")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not int8.cpu_has_vnni(avx2)
+    assert int8.cpu_has_vnni(vnni)
+    assert int8.cpu_has_vnni(tmp_path / "missing")  # unknown: keep the full range
+    assert int8._reduce_range(Int8Options(reduce_range=False)) is False
+    assert int8._reduce_range(Int8Options(activation_type="int8")) is False  # S8S8: no vpmaddubsw
