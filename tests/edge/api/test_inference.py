@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import queue
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -88,6 +90,46 @@ def test_streaming_inference_in_order_with_errors_in_band(client, grpcclient) ->
         np.testing.assert_allclose(result.as_numpy("mask"), expected, rtol=1e-6)
     result, error = got[4]
     assert error is not None and "picture" in error.message()
+
+
+def test_stream_keeps_order_once_a_request_waits(client, grpcclient, grpc_url,
+                                                 onnx_models) -> None:
+    """A stream request that has to queue (``slow`` is busy with another client's call) is
+    followed by requests to an idle model: those run while it waits, yet every answer comes
+    back in request order, each with its own result."""
+    busy: list = []
+
+    def occupy() -> None:
+        with grpcclient.InferenceServerClient(grpc_url) as other:
+            x = grpcclient.InferInput("x", [1, 1], "FP32")
+            x.set_data_from_numpy(np.ones((1, 1), np.float32))
+            busy.append(other.infer("slow", [x]))
+
+    thread = threading.Thread(target=occupy)
+    thread.start()
+    time.sleep(0.05)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        x = grpcclient.InferInput("x", [1, 1], "FP32")
+        x.set_data_from_numpy(np.full((1, 1), 2, np.float32))
+        client.async_stream_infer("slow", [x], request_id="waits")
+        images = [np.full((1, 1, 8, 8), i, np.float32) for i in range(2)]
+        for i, image in enumerate(images):
+            inp = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
+            inp.set_data_from_numpy(image)
+            client.async_stream_infer("seg", [inp], request_id=f"s{i}")
+        got = [results.get(timeout=30) for _ in range(3)]
+    finally:
+        client.stop_stream()
+        thread.join(30)
+    assert [error for _, error in got] == [None] * 3
+    assert [result.get_response().id for result, _ in got] == ["waits", "s0", "s1"]
+    (expected,) = _session(onnx_models["slow"]).run(None, {"x": np.full((1, 1), 2, np.float32)})
+    np.testing.assert_allclose(got[0][0].as_numpy("y"), expected, rtol=1e-5)
+    for (result, _), image in zip(got[1:], images, strict=True):
+        np.testing.assert_allclose(result.as_numpy("mask"), 1 / (1 + np.exp(-image)), rtol=1e-6)
+    assert len(busy) == 1 and not isinstance(busy[0], Exception)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
