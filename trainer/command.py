@@ -37,8 +37,9 @@ CLASSIFY_CROP, CLASSIFY_HEAD_STRIDE, MIN_VISIBLE_MM = 128, 4, 3.0
 #: Classifier: 2.5D input, the volume 2, 4, 6 and 8 mm above and below each slice (9
 #: channels; PreprocessSpec.context_slices / context_spacing_mm), and where negative windows
 #: are drawn (trainer/classify.py: crop_origins). The 4 mm steps (5 channels, run c8) missed
-#: 0.95 on the seed-1007 held-out studies for two of three seeds; the 2 mm steps cleared it
-#: for all three (docs/training.md: runs c2s0-c2s2) at the same compute past the stem.
+#: 0.95 on the seed-1007 held-out studies for seed 2 on an Intel host (0.9416) and seed 0 on
+#: an EPYC host (0.9364); the 2 mm steps cleared it for all three seeds (docs/training.md:
+#: runs c2s0-c2s2), with the same compute past the first convolution.
 CLASSIFY_CONTEXT, CLASSIFY_CONTEXT_MM, CLASSIFY_NEGATIVES = 4, 2.0, "lung"
 NEGATIVE_MODES = ("lung", "lung-border")
 #: Classifier: positive slices with a nodule cross-section under CLASSIFY_SMALL_MM are drawn
@@ -63,9 +64,10 @@ CLASSIFY_LUNG_GATE = False
 CLASSIFY_AVERAGE_LAST = 3
 #: Classifier: how the 2.5D training, validation and test slices are held in memory. float16
 #: (default since 2026-12-01) halves the channels of every 256 x 256 slice (5.6 GB as
-#: float32 for the 60-study demo at 5 channels); each batch is cast to float32. The rounding (<= 2.4e-4 in
-#: [0.5, 1)) is far below the augmentation's noise (0.02); with the split subsets as views
-#: the run's peak RSS went from 13.3 to 4.7 GB (docs/training.md: "Float16 slices").
+#: float32 for the 60-study demo at 5 channels); each batch is cast to float32. The rounding
+#: (<= 2.4e-4 in [0.5, 1)) is far below the augmentation's noise (0.02); with the split
+#: subsets as views the run's peak RSS went from 13.3 to 4.7 GB (docs/training.md: "Float16
+#: slices").
 CLASSIFY_STORAGE = "float16"
 STORAGE_DTYPES = ("float16", "float32")
 #: Classify/segment: per-step decay of the weights' moving average that is validated and
