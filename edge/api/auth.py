@@ -147,6 +147,12 @@ def right_for(method: str) -> str:
     return "repository" if method in REPOSITORY_METHODS else "infer"
 
 
+def is_public(method: str, public_methods: Sequence[str]) -> bool:
+    """Whether ``method`` needs no token: listed in full, or under a listed ``/service/``."""
+    return any(method == p or (p.endswith("/") and method.startswith(p))
+               for p in public_methods)
+
+
 def _raising(exc: MededgeError) -> Callable[..., Any]:
     kind, message = type(exc), str(exc)
 
@@ -167,15 +173,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self._tokens = tokens
         self._public = tuple(public_methods)
 
-    def _is_public(self, method: str) -> bool:
-        return any(method == p or (p.endswith("/") and method.startswith(p))
-                   for p in self._public)
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         method = str(handler_call_details.method)
-        if handler is None or self._is_public(method):
+        if handler is None or is_public(method, self._public):
             return handler
         try:
             self._tokens.authorize(bearer_token(handler_call_details.invocation_metadata),

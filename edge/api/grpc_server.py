@@ -8,6 +8,7 @@ and a future wait (measured against grpc.aio, the sync server was not slower her
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,10 +29,14 @@ from edge.api.infer_wire import (
 from edge.api.inference_service import InferenceServicer
 from edge.api.jobs_service import SERVICE_NAME as JOBS_SERVICE_NAME
 from edge.api.jobs_service import JobsServicer, add_to_server
+from edge.api.native_frontend import NativeFrontend
 from edge.core.config import GrpcSettings
 from edge.core.errors import ConfigError
+from edge.core.native_build import NativeBuildError
 from edge.core.tls import grpc_server_credentials
 from edge.protos import POOL, inference_pb2
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -102,6 +107,9 @@ class GrpcServer:
                 is set without any configured token; the message names the key.
         """
         limit = settings.max_message_bytes
+        self._settings, self._servicer = settings, servicer
+        self._tokens = tokens if settings.require_token else None  # what the native path checks
+        self._native: NativeFrontend | None = None
         self._credentials = grpc_server_credentials(settings.tls, "grpc.tls")
         interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor()]
         if settings.require_token:
@@ -133,12 +141,23 @@ class GrpcServer:
                 pool=_reflection_pool())
 
     def start(self, host: str, port: int) -> GrpcEndpoint:
-        """Bind ``host:port`` (0: an ephemeral port) and start serving.
+        """Bind ``host:port`` (0: an ephemeral port) and start serving: through the native
+        front end when ``grpc.native_frontend`` is on and it can be built here (TLS stays
+        with grpcio), else with grpcio on that port.
 
         Raises:
             ConfigError: the address cannot be bound; the message names it.
         """
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self._settings.native_frontend and self._credentials is None:
+            try:
+                self._native = NativeFrontend(self._servicer, self._tokens,
+                                              self._settings.public_methods)
+            except NativeBuildError as exc:
+                log.warning("grpc.native_frontend: not available, serving with grpcio: %s",
+                            exc)
+            else:
+                return self._start_native(host, address)
         try:
             bound = (self._server.add_insecure_port(address) if self._credentials is None
                      else self._server.add_secure_port(address, self._credentials))
@@ -147,6 +166,22 @@ class GrpcServer:
         if bound == 0:
             raise ConfigError(f"server.grpc_port: cannot bind {address}")
         self._server.start()
+        return GrpcEndpoint(host, bound)
+
+    def _start_native(self, host: str, address: str) -> GrpcEndpoint:
+        assert self._native is not None
+        if self._server.add_insecure_port(self._native.upstream) == 0:
+            raise ConfigError(f"cannot bind the private socket {self._native.upstream}")
+        self._server.start()
+        try:
+            bound = self._native.start(address, self._settings.max_message_bytes,
+                                       self._settings.native_threads)
+        except ConfigError:
+            self._server.stop(None)
+            self._native.stop(0)
+            raise
+        log.info("gRPC: native front end on %s, other methods via %s", address,
+                 self._native.upstream)
         return GrpcEndpoint(host, bound)
 
     def set_serving(self, serving: bool) -> None:
@@ -159,5 +194,7 @@ class GrpcServer:
     def stop(self, grace_s: float) -> None:
         """Refuse new RPCs, let in-flight ones finish for up to ``grace_s``, then stop."""
         self.health.enter_graceful_shutdown()
+        if self._native is not None:  # first: its proxied calls need the grpcio server
+            self._native.stop(grace_s)
         self._server.stop(grace_s).wait()
         self._pool.shutdown(wait=False)

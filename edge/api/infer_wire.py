@@ -130,17 +130,29 @@ def _response_parts(response: WireInferResponse) -> tuple[list[bytes | np.ndarra
     return parts, size
 
 
+def infer_response_parts(response: WireInferResponse) -> list[bytes | np.ndarray]:
+    """The encoded ModelInferResponse as pieces to join (the arrays not copied)."""
+    return _response_parts(response)[0]
+
+
+def stream_response_parts(response: WireInferResponse | inference_pb2.ModelStreamInferResponse
+                          ) -> list[bytes | np.ndarray]:
+    """The encoded ModelStreamInferResponse as pieces to join: an answer becomes its
+    ``infer_response`` field; an error message (a ModelStreamInferResponse already) is
+    serialised as it is."""
+    if not isinstance(response, WireInferResponse):
+        return [response.SerializeToString()]
+    parts, size = _response_parts(response)
+    return [_STREAM_ANSWER_TAG, _encode_varint(size), *parts]
+
+
 def serialize_infer_response(response: WireInferResponse) -> bytes:
     """The encoded ModelInferResponse, raw outputs appended from the arrays' own buffers."""
-    return b"".join(_response_parts(response)[0])
+    return b"".join(infer_response_parts(response))
 
 
 def serialize_stream_response(
         response: WireInferResponse | inference_pb2.ModelStreamInferResponse) -> bytes:
-    """The encoded ModelStreamInferResponse: an answer becomes its ``infer_response`` field
-    (written as :func:`serialize_infer_response` does, in one copy); an error message (a
-    ModelStreamInferResponse already) is serialised as it is."""
-    if not isinstance(response, WireInferResponse):
-        return response.SerializeToString()
-    parts, size = _response_parts(response)
-    return b"".join([_STREAM_ANSWER_TAG, _encode_varint(size), *parts])
+    """The encoded ModelStreamInferResponse (:func:`stream_response_parts`, joined in one
+    copy)."""
+    return b"".join(stream_response_parts(response))

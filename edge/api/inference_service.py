@@ -11,20 +11,28 @@ server registers the matching (de)serializers (:func:`edge.api.grpc_server.infer
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format, text_format
+from google.protobuf.message import DecodeError
 
 import edge
 from edge.api.auth import PermissionDeniedError
 from edge.api.errors import status_for
-from edge.api.infer_wire import WireInferRequest, WireInferResponse
+from edge.api.infer_wire import (
+    WireInferRequest,
+    WireInferResponse,
+    infer_response_parts,
+    parse_infer_request,
+    stream_response_parts,
+)
 from edge.api.metrics import RequestCounters
 from edge.api.shared_memory import SharedMemoryRegistry
 from edge.api.statistics import model_statistics_proto, served_models
@@ -43,6 +51,8 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from edge.scheduler.manager import ModelManager, ServedModel
+
+log = logging.getLogger(__name__)
 
 #: ModelConfig parameter carrying the sidecar's task, labels and preprocessing as JSON.
 SIDECAR_PARAMETER = "mededge.sidecar"
@@ -65,12 +75,12 @@ def parse_version(text: str) -> int | None:
     return int(text)
 
 
-def _deadline(request: inference_pb2.ModelInferRequest, context: grpc.ServicerContext
+def _deadline(request: inference_pb2.ModelInferRequest, remaining: float | None
               ) -> float | None:
-    """The monotonic deadline from the gRPC deadline and Triton's ``timeout`` (microseconds)."""
+    """The monotonic deadline from the gRPC deadline (``remaining`` seconds, None: none) and
+    Triton's ``timeout`` (microseconds)."""
     now = time.monotonic()
     deadline = None
-    remaining = context.time_remaining()
     if remaining is not None and remaining < 1e8:
         deadline = now + remaining
     if "timeout" in request.parameters:
@@ -112,6 +122,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._manager = manager
         self._counters = counters
         self._shm = shared_memory
+        #: Set by a front end that proxies calls to this servicer: the metadata key carrying
+        #: the caller's own peer (the proxy's connection is always local).
+        self.forwarded_peer_key: str | None = None
 
     # --- health and metadata ----------------------------------------------------------------
 
@@ -212,12 +225,20 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     def SystemSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if not is_local_peer(context.peer()):
+        peer = self._peer(context)
+        if not is_local_peer(peer):
             raise PermissionDeniedError(
                 f"shared memory region {request.name!r}: registration is only accepted from "
-                f"this host (peer {context.peer()})")
+                f"this host (peer {peer})")
         self._registry().register(request.name, request.key, request.offset, request.byte_size)
         return inference_pb2.SystemSharedMemoryRegisterResponse()
+
+    def _peer(self, context: grpc.ServicerContext) -> str:
+        if self.forwarded_peer_key is None:
+            return context.peer()
+        forwarded = [value for key, value in context.invocation_metadata() or ()
+                     if key == self.forwarded_peer_key]
+        return str(forwarded[-1]) if forwarded else "unknown"
 
     def SystemSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._registry().unregister(request.name)
@@ -231,7 +252,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         message = request.message
         model = self._manager.get(message.model_name, parse_version(message.model_version))
         try:
-            submitted = self._submit(model, request, context, started)
+            submitted = self._submit(model, request, context.time_remaining(), started)
             if not context.add_callback(submitted.future.cancel):
                 submitted.future.cancel()
             return self._finish(submitted)
@@ -270,6 +291,49 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                                    time.perf_counter_ns() - item.started_ns)
             yield response
 
+    def start_infer(self, payload: bytes, remaining: float | None, stream: bool,
+                    reply: Callable[[int, str, Sequence[Any] | None], None]
+                    ) -> Future[InferenceResponse] | None:
+        """ModelInfer (or one ModelStreamInfer message) for a front end that is not grpcio:
+        ``payload`` is the encoded request, ``remaining`` the seconds to the gRPC deadline.
+        ``reply(code, message, parts)`` is called exactly once, now or from the thread that
+        finishes the request: code 0 with the encoded response's pieces, or a gRPC status code
+        and its message. On a stream a failure is an answer carrying ``error_message``, as in
+        :meth:`ModelStreamInfer`. Returns the scheduler's future (to cancel it when the
+        caller goes away), or None when already answered."""
+        started = time.perf_counter_ns()
+        message: inference_pb2.ModelInferRequest | None = None
+        model: ServedModel | None = None
+        try:
+            try:
+                request = parse_infer_request(payload)
+            except DecodeError as exc:
+                raise InvalidInputError(f"malformed request: {exc}") from exc
+            message = request.message
+            model = self._manager.get(message.model_name, parse_version(message.model_version))
+            submitted = self._submit(model, request, remaining, started)
+        except Exception as exc:
+            if model is not None:
+                self._counters.observe(model.id.name, str(model.id.version),
+                                       time.perf_counter_ns() - started)
+            _reply_error(reply, stream, message, exc)
+            return None
+        submitted.future.add_done_callback(lambda _: self._reply(submitted, stream, reply))
+        return submitted.future
+
+    def _reply(self, submitted: _Submitted, stream: bool,
+               reply: Callable[[int, str, Sequence[Any] | None], None]) -> None:
+        try:
+            response = self._answer(submitted, submitted.future.result(0))
+        except BaseException as exc:  # noqa: BLE001 (every failure is the caller's answer)
+            _reply_error(reply, stream, submitted.request.message, exc)
+        else:
+            reply(0, "", stream_response_parts(response) if stream
+                  else infer_response_parts(response))
+        finally:
+            self._counters.observe(submitted.model.id.name, str(submitted.model.id.version),
+                                   time.perf_counter_ns() - submitted.started_ns)
+
     def _stream_submit(self, request: WireInferRequest, context: grpc.ServicerContext
                        ) -> _Submitted | Any:
         started = time.perf_counter_ns()
@@ -279,15 +343,15 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             return _stream_error(message, exc)
         try:
-            return self._submit(model, request, context, started)
+            return self._submit(model, request, context.time_remaining(), started)
         except Exception as exc:
             self._counters.observe(model.id.name, str(model.id.version),
                                    time.perf_counter_ns() - started)
             return _stream_error(message, exc)
 
     def _submit(self, model: ServedModel, request: WireInferRequest,
-                context: grpc.ServicerContext, started: int) -> _Submitted:
-        """Decode and submit.
+                remaining: float | None, started: int) -> _Submitted:
+        """Decode and submit (``remaining``: seconds to the gRPC deadline, None: none).
 
         Raises:
             InvalidInputError: undecodable tensors, an unknown output, or inputs the model
@@ -309,7 +373,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 if placement is not None:
                     check_output_placement(name, placement, self._shm)
                     placements[name] = placement
-            deadline = _deadline(message, context)
+            deadline = _deadline(message, remaining)
             future = model.submit(InferenceRequest(
                 model=model.id.name, inputs=inputs, version=model.id.version,
                 request_id=message.id, priority=_priority(message), deadline=deadline,
@@ -337,6 +401,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             submitted.future.cancel()
             raise DeadlineExceededError(
                 f"model {submitted.model.id}: deadline passed before execution") from exc
+        return self._answer(submitted, result)
+
+    def _answer(self, submitted: _Submitted, result: InferenceResponse) -> WireInferResponse:
+        """The response to a submitted request from its result (outputs encoded, or written to
+        their shared-memory regions)."""
         response = inference_pb2.ModelInferResponse(
             model_name=result.model.name, model_version=str(result.model.version),
             id=submitted.request.message.id)
@@ -358,6 +427,18 @@ def is_local_peer(peer: str) -> bool:
 def _state(entry: Any) -> str:
     state = entry.state
     return str(getattr(state, "value", state))
+
+
+def _reply_error(reply: Callable[[int, str, Sequence[Any] | None], None], stream: bool,
+                 request: inference_pb2.ModelInferRequest | None, exc: BaseException) -> None:
+    """Answer a failed request: on a stream an answer with ``error_message``, else a status."""
+    if stream:
+        reply(0, "", stream_response_parts(_stream_error(request, exc)))
+        return
+    status = status_for(exc)
+    if status.code is not grpc.StatusCode.CANCELLED:
+        log.debug("gRPC call failed: %s: %s", status.code.name, status.message)
+    reply(status.code.value[0], status.message, None)
 
 
 def _stream_error(request: inference_pb2.ModelInferRequest | None, exc: BaseException) -> Any:

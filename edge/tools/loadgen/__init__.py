@@ -15,34 +15,26 @@ bench falls back to its Python clients.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from edge.core import native_build
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kserve_loadgen.cc")
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = native_build.ROOT
 PROTOS = ("inference.proto", "model_config.proto")
 BINARY_NAME = "kserve_loadgen"
 
 
 class LoadgenUnavailable(RuntimeError):
     """The C++ client cannot be built here; the message says what is missing."""
-
-
-def _stamp(proto_dir: Path) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    for name in PROTOS:
-        digest.update((proto_dir / name).read_bytes())
-    return digest.hexdigest()
 
 
 def build(out_dir: Path | None = None) -> Path:
@@ -56,51 +48,26 @@ def build(out_dir: Path | None = None) -> Path:
     out = out_dir or ROOT / "build" / "loadgen"
     if not all((proto_dir / name).is_file() for name in PROTOS):
         raise LoadgenUnavailable(f"no {' / '.join(PROTOS)} in {proto_dir} (not a source tree)")
-    binary, stamp_file = out / BINARY_NAME, out / "sources.sha256"
-    stamp = _stamp(proto_dir)
-    if binary.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
+    binary = out / BINARY_NAME
+    digest = native_build.stamp([SOURCE, *(proto_dir / name for name in PROTOS)])
+    if native_build.is_current(binary, digest):
         return binary
-    tools = {tool: shutil.which(tool) for tool in ("g++", "protoc", "grpc_cpp_plugin",
-                                                   "pkg-config")}
-    missing = [tool for tool, path in tools.items() if path is None]
-    if missing:
-        raise LoadgenUnavailable(f"missing {', '.join(missing)} (Debian: g++ libgrpc++-dev "
-                                 f"protobuf-compiler-grpc pkg-config)")
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++", "protobuf"],
-                           capture_output=True, text=True)
-    if flags.returncode != 0:
-        raise LoadgenUnavailable(f"pkg-config grpc++ protobuf: {flags.stderr.strip()}")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"building the C++ load generator into {out} (about 15 s on 2 cores) ...",
-          file=sys.stderr, flush=True)
-    generated = out / "generated"
-    generated.mkdir(exist_ok=True)
-    _run([str(tools["protoc"]), f"-I{proto_dir}", f"--cpp_out={generated}",
-          f"--grpc_out={generated}", f"--plugin=protoc-gen-grpc={tools['grpc_cpp_plugin']}",
-          *(str(proto_dir / name) for name in PROTOS)])
-    sources = [SOURCE, generated / "inference.pb.cc", generated / "inference.grpc.pb.cc",
-               generated / "model_config.pb.cc"]
-    cflags = [f for f in flags.stdout.split() if not f.startswith(("-l", "-L", "-Wl"))]
-    libs = [f for f in flags.stdout.split() if f not in cflags]
-    objects = [generated / (src.name + ".o") for src in sources]
-    compiles = [subprocess.Popen([str(tools["g++"]), "-O2", "-std=c++17", f"-I{generated}",
-                                  *cflags, "-c", str(src), "-o", str(obj)],
-                                 stderr=subprocess.PIPE, text=True)
-                for src, obj in zip(sources, objects, strict=True)]  # in parallel
-    failures = [p.communicate()[1] for p in compiles if p.wait() != 0]
-    if failures:
-        raise LoadgenUnavailable(f"g++ failed: {failures[0].strip()[-2000:]}")
-    _run([str(tools["g++"]), *map(str, objects), *libs, "-o", str(binary) + ".tmp"])
-    Path(str(binary) + ".tmp").replace(binary)
-    stamp_file.write_text(stamp)
-    return binary
-
-
-def _run(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise LoadgenUnavailable(f"{Path(command[0]).name} failed: "
-                                 f"{done.stderr.strip()[-2000:]}")
+    try:
+        cflags, libs = native_build.grpc_flags("protobuf")
+        generated = out / "generated"
+        generated.mkdir(parents=True, exist_ok=True)
+        plugin = native_build.tool("grpc_cpp_plugin")
+        native_build.run([native_build.tool("protoc"), f"-I{proto_dir}",
+                          f"--cpp_out={generated}", f"--grpc_out={generated}",
+                          f"--plugin=protoc-gen-grpc={plugin}",
+                          *(str(proto_dir / name) for name in PROTOS)])
+        sources = [SOURCE, generated / "inference.pb.cc", generated / "inference.grpc.pb.cc",
+                   generated / "model_config.pb.cc"]
+        return native_build.compile_and_link(
+            sources, binary, [f"-I{generated}", *cflags], libs, digest,
+            "the C++ load generator", 15)
+    except native_build.NativeBuildError as exc:
+        raise LoadgenUnavailable(str(exc)) from exc
 
 
 def _command(binary: Path, url: str, request: Path, output: str, seconds: float,
