@@ -168,6 +168,11 @@ class GrpcServer:
         self._server.start()
         return GrpcEndpoint(host, bound)
 
+    @property
+    def frontend(self) -> str:
+        """What serves the public port: "native" or "grpcio"."""
+        return "native" if self._native is not None else "grpcio"
+
     def _start_native(self, host: str, address: str) -> GrpcEndpoint:
         assert self._native is not None
         if self._server.add_insecure_port(self._native.upstream) == 0:

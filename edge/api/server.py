@@ -103,9 +103,14 @@ class EdgeServer:
         http_port = self._http.start(self.settings.http.bind or server.bind, server.http_port)
         self.ports = BoundPorts(server.bind, grpc_endpoint.port, http_port, dicom_port)
         self._watchdog = service_ready(lambda: not self._stopped.is_set())
-        log.info("serving: grpc %s:%d, http %s:%d, dicom %s", server.bind, grpc_endpoint.port,
-                 server.bind, http_port, dicom_port)
+        log.info("serving: grpc %s:%d (%s), http %s:%d, dicom %s", server.bind,
+                 grpc_endpoint.port, self._grpc.frontend, server.bind, http_port, dicom_port)
         return self.ports
+
+    @property
+    def grpc_frontend(self) -> str:
+        """What serves the gRPC port: "native" (the C++ front end) or "grpcio"."""
+        return self._grpc.frontend
 
     def _start_dicom(self) -> int:
         """Ledger, delivery worker, orchestrator, listener; return the DICOM port.

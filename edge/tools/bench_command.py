@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--client", choices=("cpp", "python"), default="cpp",
                        help="load generator: C++ (built on first use; Python if it cannot be) "
                             "or Python client processes")
+    serve.add_argument("--frontends", default="native",
+                       help="mededge's gRPC front ends to measure, side by side: native "
+                            "(the default), grpcio (grpc.native_frontend off), or both")
     serve.add_argument("--transports", default="unary,stream,shm,stream+shm",
                        help="comma-separated: unary (ModelInfer), stream (ModelStreamInfer), "
                             "shm (ModelInfer with tensors in system shared memory), stream+shm")
@@ -101,9 +104,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"mededge bench serve: --transports {args.transports!r}; choose from "
               f"{list(bench_serve.TRANSPORTS)}")
         return 2
+    frontends = tuple(f.strip() for f in args.frontends.split(",") if f.strip())
+    if not frontends or set(frontends) - set(bench_serve.FRONTENDS):
+        print(f"mededge bench serve: --frontends {args.frontends!r}; choose from "
+              f"{list(bench_serve.FRONTENDS)}")
+        return 2
     return bench_serve.main(args.work, models, args.batch, args.clients, args.seconds,
                             args.threads, not args.no_triton, args.rounds, transports,
-                            args.client)
+                            args.client, frontends)
 
 
 def _run_dicom(args: argparse.Namespace) -> int:

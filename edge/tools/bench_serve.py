@@ -73,6 +73,8 @@ DYNAMIC_BATCHING = "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
 ADAPTIVE_INSTANCES = ('instance_group { count: 2 kind: KIND_CPU }\n'
                       'parameters { key: "adaptive_threads" value: { string_value: "true" } }\n')
 RAW, MEDEDGE, TRITON = "onnxruntime (raw)", "mededge", "triton (pytriton)"
+#: mededge's gRPC front ends (``grpc.native_frontend`` on / off) and their rows' names.
+FRONTENDS = {"native": MEDEDGE, "grpcio": "mededge (grpcio)"}
 #: How the clients send: tensors in ModelInfer messages, on one ModelStreamInfer stream per
 #: client, or in system shared memory (ModelInfer naming registered regions).
 UNARY, STREAM, SHM, STREAM_SHM = "unary", "stream", "shm", "stream+shm"
@@ -568,21 +570,24 @@ def verify_shared_memory(system: str, url: str, spec: BenchModel, sess: Any) -> 
 
 # --- servers ----------------------------------------------------------------------------------
 
-def start_mededge(repo: Path, work: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_mededge(repo: Path, work: Path, threads: int, frontend: str = "native"
+                  ) -> tuple[subprocess.Popen, str]:
     """``mededge serve`` (serving only: no DICOM listener) on an ephemeral port, in its own
-    process group.
+    process group, its gRPC port served by ``frontend`` ("native" or "grpcio").
 
     Raises:
         RuntimeError: it exited before printing its port.
     """
     env = dict(os.environ, MEDEDGE_BACKEND__PROVIDERS="[CPUExecutionProvider]",
                MEDEDGE_BACKEND__INTRA_OP_THREADS=str(threads),
-               MEDEDGE_BACKEND__INTER_OP_THREADS="1")
+               MEDEDGE_BACKEND__INTER_OP_THREADS="1",
+               MEDEDGE_GRPC__NATIVE_FRONTEND=str(frontend == "native").lower())
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge.cli", "serve", "--model-repository", str(repo),
-         "--data-dir", str(work / "data"), "--bind", "127.0.0.1", "--grpc-port", "0",
-         "--http-port", "0", "--no-dicom"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, env=env, start_new_session=True)
+         "--data-dir", str(work / f"data-{frontend}"), "--bind", "127.0.0.1",
+         "--grpc-port", "0", "--http-port", "0", "--no-dicom"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        start_new_session=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         match = PORT_LINE.match(line.strip())
@@ -641,23 +646,25 @@ def _start_reference(venv: Path, path: Path, spec: BenchModel, threads: int, wor
     return server, server.note
 
 
-def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: int,
+def _bench_model(path: Path, spec: BenchModel, urls: dict[str, str], batch: int, clients: int,
                  seconds: float, threads: int, triton: Path | None, rounds: int, work: Path,
                  loads: list[float], transports: tuple[str, ...] = TRANSPORTS,
                  loadgen_binary: Path | None = None) -> list[Result]:
-    """Raw, mededge and Triton on one model (each server over ModelInfer and, with
-    ``streaming``, over ModelStreamInfer), in rounds of rotating order; the medians.
+    """Raw, mededge (each server in ``urls``: its rows' name to its address) and Triton on
+    one model, each server over each of ``transports``, in rounds of rotating order; the
+    medians.
 
     Raises:
         OutputMismatch: mededge's answers differ from raw ONNX Runtime's.
     """
     sess = session(path, threads)
-    verify_server(MEDEDGE, url, spec, sess)
-    if set(_SHARED) & set(transports):
-        verify_shared_memory(MEDEDGE, url, spec, sess)
+    for system, url in urls.items():
+        verify_server(system, url, spec, sess)
+        if set(_SHARED) & set(transports):
+            verify_shared_memory(system, url, spec, sess)
     server, note = (None, "skipped (--no-triton)") if triton is None else \
         _start_reference(triton, path, spec, threads, work, sess, transports)
-    servers = [(MEDEDGE, url)]
+    servers = list(urls.items())
     if server is not None:
         servers.append((TRITON, server.url))
     measures: dict[str, Callable[[], Result]] = {
@@ -690,9 +697,11 @@ def _bench_model(path: Path, spec: BenchModel, url: str, batch: int, clients: in
 def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: float,
               threads: int, triton: Path | None, rounds: int = 3,
               transports: tuple[str, ...] = TRANSPORTS,
-              loadgen_binary: Path | None = None) -> tuple[list[Result], str]:
+              loadgen_binary: Path | None = None,
+              frontends: tuple[str, ...] = ("native",)) -> tuple[list[Result], str]:
     """Measure every model; (median results, load note). ``triton``: the Triton venv or None;
-    ``loadgen_binary``: the C++ client (None: Python clients).
+    ``loadgen_binary``: the C++ client (None: Python clients); ``frontends``: one
+    ``mededge serve`` per gRPC front end (keys of :data:`FRONTENDS`), all running at once.
 
     Raises:
         OutputMismatch: mededge's answers differ from raw ONNX Runtime's.
@@ -700,13 +709,19 @@ def run_bench(work: Path, models: list[str], batch: int, clients: int, seconds: 
     specs = _write_models(work / "repo", models)
     results: list[Result] = []
     loads: list[float] = []
-    proc, url = start_mededge(work / "repo", work, threads)
+    procs: list[subprocess.Popen] = []
+    urls: dict[str, str] = {}
     try:
+        for frontend in frontends:
+            proc, urls[FRONTENDS[frontend]] = start_mededge(work / "repo", work, threads,
+                                                            frontend)
+            procs.append(proc)
         for path, spec in specs:
-            results += _bench_model(path, spec, url, batch, clients, seconds, threads, triton,
+            results += _bench_model(path, spec, urls, batch, clients, seconds, threads, triton,
                                     rounds, work, loads, transports, loadgen_binary)
     finally:
-        stop_group(proc)
+        for proc in procs:
+            stop_group(proc)
     load = (f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run"
             if loads else "")
     return results, load
@@ -765,7 +780,8 @@ def _client_note(binary: Path | None, why_not: str) -> str:
 
 def main(work: Path, models: list[str], batch: int, clients: int, seconds: float,
          threads: int, triton: bool, rounds: int = 3,
-         transports: tuple[str, ...] = TRANSPORTS, client: str = "cpp") -> int:
+         transports: tuple[str, ...] = TRANSPORTS, client: str = "cpp",
+         frontends: tuple[str, ...] = ("native",)) -> int:
     """Run the bench, print the table and write it (markdown and JSON) under ``work``.
 
     ``threads`` 0 means one intra-op thread per CPU, given explicitly to every system.
@@ -785,7 +801,7 @@ def main(work: Path, models: list[str], batch: int, clients: int, seconds: float
     try:
         results, load = run_bench(work, models, batch, clients, seconds, threads,
                                   triton_venv() if triton else None, rounds, transports,
-                                  binary)
+                                  binary, frontends)
     except OutputMismatch as exc:
         print(f"mededge bench serve: {exc}")
         return 1

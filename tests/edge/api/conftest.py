@@ -126,7 +126,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("repo"))
 
 
-def server_settings(repo: Path, data_dir: Path, **server: object):  # -> Settings
+def server_settings(repo: Path, data_dir: Path, grpc: dict | None = None,
+                    **server: object):  # -> Settings
     from edge.core.config import load_settings
 
     return load_settings(None, {
@@ -134,16 +135,23 @@ def server_settings(repo: Path, data_dir: Path, **server: object):  # -> Setting
                    "model_repository": str(repo), "data_dir": str(data_dir),
                    "drain_timeout_s": 5.0, **server},
         "backend": {"providers": ["CPUExecutionProvider"], "intra_op_threads": 1},
+        "grpc": grpc or {},
     }, environ={})
 
 
-@pytest.fixture(scope="session")
-def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """One in-process EdgeServer for the session (tests use distinct models or deltas)."""
+@pytest.fixture(scope="session", params=["native", "grpcio"])
+def server(request: pytest.FixtureRequest, repository: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One in-process EdgeServer per gRPC front end (the native one, the default, and grpcio
+    alone), each for the whole session: every API test runs against both. Tests use distinct
+    models or deltas."""
     from edge.api.server import EdgeServer
 
-    edge_server = EdgeServer(server_settings(repository, tmp_path_factory.mktemp("data")))
+    edge_server = EdgeServer(server_settings(
+        repository, tmp_path_factory.mktemp("data"),
+        grpc={"native_frontend": request.param == "native"}))
     edge_server.start()
+    assert edge_server.grpc_frontend == request.param
     yield edge_server
     edge_server.stop(5.0)
 
