@@ -3,7 +3,10 @@ grpc.health.v1 and server reflection.
 
 A synchronous grpc server on a thread pool: each inference RPC blocks one worker while its
 request waits in the scheduler, which keeps the per-call overhead at one Python function call
-and a future wait (measured against grpc.aio, the sync server was not slower here).
+and a future wait (measured against grpc.aio, the sync server was not slower here). By default
+the public port belongs to the native front end (:mod:`edge.api.native_frontend`), which runs
+inference requests itself and proxies every other call to this server on a private Unix
+socket (docs/serving-interfaces.md).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from edge.api.native_frontend import NativeFrontend
 from edge.core.config import GrpcSettings
 from edge.core.errors import ConfigError
 from edge.core.native_build import NativeBuildError
-from edge.core.tls import grpc_server_credentials
+from edge.core.tls import grpc_server_credentials, server_pem
 from edge.protos import POOL, inference_pb2
 
 log = logging.getLogger(__name__)
@@ -142,14 +145,14 @@ class GrpcServer:
 
     def start(self, host: str, port: int) -> GrpcEndpoint:
         """Bind ``host:port`` (0: an ephemeral port) and start serving: through the native
-        front end when ``grpc.native_frontend`` is on and it can be built here (TLS stays
-        with grpcio), else with grpcio on that port.
+        front end when ``grpc.native_frontend`` is on and it can be built here, else with
+        grpcio on that port. ``grpc.tls`` applies to either.
 
         Raises:
             ConfigError: the address cannot be bound; the message names it.
         """
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if self._settings.native_frontend and self._credentials is None:
+        if self._settings.native_frontend:
             try:
                 self._native = NativeFrontend(self._servicer, self._tokens,
                                               self._settings.public_methods)
@@ -180,7 +183,9 @@ class GrpcServer:
         self._server.start()
         try:
             bound = self._native.start(address, self._settings.max_message_bytes,
-                                       self._settings.native_threads)
+                                       self._settings.native_threads,
+                                       server_pem(self._settings.tls, "grpc.tls"),
+                                       self._settings.tls.require_client_cert)
         except ConfigError:
             self._server.stop(None)
             self._native.stop(0)

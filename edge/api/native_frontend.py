@@ -25,6 +25,7 @@ from edge.api.auth import TokenStore, bearer_token, is_public, right_for
 from edge.api.errors import status_for
 from edge.api.inference_service import InferenceServicer
 from edge.core.errors import ConfigError
+from edge.core.tls import PemMaterial
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +55,20 @@ class NativeFrontend:
         self.upstream = f"unix:{self._dir / 'grpc.sock'}"
         self._frontend: Any = None
 
-    def start(self, address: str, max_message_bytes: int, threads: int) -> int:
-        """Serve ``address`` (the grpcio server must already serve :attr:`upstream`); the
-        bound port.
+    def start(self, address: str, max_message_bytes: int, threads: int,
+              tls: PemMaterial | None = None, require_client_cert: bool = False) -> int:
+        """Serve ``address`` (the grpcio server must already serve :attr:`upstream`), over
+        TLS with ``tls`` (mutual with ``require_client_cert``); the bound port.
 
         Raises:
             ConfigError: the address cannot be bound.
         """
         self._servicer.forwarded_peer_key = PEER_KEY
+        credentials = None if tls is None else (tls.private_key, tls.cert_chain,
+                                                tls.root_certificates, require_client_cert)
         try:
             self._frontend = self._module.Frontend(address, self.upstream, self._dispatch,
-                                                   max_message_bytes, threads)
+                                                   max_message_bytes, threads, credentials)
         except OSError as exc:
             raise ConfigError(f"server.grpc_port: cannot bind {address}: {exc}") from exc
         return int(self._frontend.port)

@@ -119,8 +119,8 @@ class GrpcSettings(_Section):
 
     max_message_bytes: int = Field(512 * 1024 * 1024, ge=4 * 1024 * 1024)
     max_workers: int = Field(32, ge=1)
-    # The C++ front end on the public port (docs/serving.md); off, or where it cannot be built
-    # or grpc.tls is set, grpcio serves the port itself.
+    # The C++ front end on the public port (docs/serving-interfaces.md); off, or where it
+    # cannot be built, grpcio serves the port itself.
     native_frontend: bool = True
     native_threads: int = Field(8, ge=2)  # its threads; a request runs inline on one
     reflection: bool = True

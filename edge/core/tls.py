@@ -146,6 +146,19 @@ def pem_material(cert: Path | None, private_key: Path | None, ca: Path | None,
         read_pem(ca, f"{key}.ca_file") if ca is not None else None)
 
 
+def server_pem(tls: ServerTlsSettings, key: str) -> PemMaterial | None:
+    """The checked PEM material of a TLS server port, or None when TLS is off.
+
+    Raises:
+        ConfigError: a file is missing or invalid; the message names the key.
+    """
+    if not tls.enabled:
+        return None
+    pem = pem_material(tls.cert_file, tls.key_file, tls.ca_file, key)
+    assert pem.private_key is not None and pem.cert_chain is not None
+    return pem
+
+
 def grpc_server_credentials(tls: ServerTlsSettings, key: str) -> Any | None:
     """``grpc.ServerCredentials`` for ``tls``, or None when TLS is off. With
     ``require_client_cert`` clients must present a certificate signed by ``ca_file``.
@@ -153,12 +166,11 @@ def grpc_server_credentials(tls: ServerTlsSettings, key: str) -> Any | None:
     Raises:
         ConfigError: a file is missing or invalid; the message names the key.
     """
-    if not tls.enabled:
+    pem = server_pem(tls, key)
+    if pem is None:
         return None
     import grpc  # only the front ends need grpc
 
-    pem = pem_material(tls.cert_file, tls.key_file, tls.ca_file, key)
-    assert pem.private_key is not None and pem.cert_chain is not None
     return grpc.ssl_server_credentials(
         [(pem.private_key, pem.cert_chain)], root_certificates=pem.root_certificates,
         require_client_auth=tls.require_client_cert)

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--work", type=Path, default=Path("work/bench"),
                        help="folder for the models, the table and the JSON results")
     serve.add_argument("--models", default="resnet18,unet2d",
-                       help="comma-separated: resnet18, unet2d")
+                       help="comma-separated: resnet18, unet2d, floor (ResNet-18's tensors "
+                            "with next to no compute: the transport floor)")
     serve.add_argument("--clients", type=int, default=8, help="concurrent client processes")
     serve.add_argument("--batch", type=int, default=1, help="batch size of the throughput run")
     serve.add_argument("--seconds", type=float, default=8.0, help="length of each measurement")

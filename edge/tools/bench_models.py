@@ -4,6 +4,8 @@
 convolutions as an exported, optimised model would have it; 1000 logits.
 ``unet2d``: a 4-level 2D U-Net (Ronneberger et al. 2015) at 256x256, 32 base channels,
 2 output classes.
+``floor``: ResNet-18's tensors (a 600 KB image in, 1000 logits out) with next to no compute
+(a mean per channel and one small Gemm): what a server adds to a request, its transport floor.
 """
 
 from __future__ import annotations
@@ -86,6 +88,18 @@ def resnet18(seed: int = 0) -> onnx.ModelProto:
         numpy_helper.from_array(np.zeros(1000, np.float32), b)]
     g.nodes.append(helper.make_node("Gemm", [x, w, b], ["logits"]))
     return g.model("input", ["B", 3, 224, 224], "logits", ["B", 1000], "resnet18")
+
+
+def floor(seed: int = 0) -> onnx.ModelProto:
+    """Input ``input`` [B,3,224,224], output ``logits`` [B,1000]: the channel means times a
+    3x1000 matrix (about 0.05 ms of compute)."""
+    g = _Graph(seed)
+    x = g.op("ReduceMean", ["input"], axes=[2, 3], keepdims=0)
+    w, b = g.name("fcw"), g.name("fcb")
+    g.inits += [numpy_helper.from_array(g.rng.standard_normal((3, 1000)).astype(np.float32), w),
+                numpy_helper.from_array(np.zeros(1000, np.float32), b)]
+    g.nodes.append(helper.make_node("Gemm", [x, w, b], ["logits"]))
+    return g.model("input", ["B", 3, 224, 224], "logits", ["B", 1000], "floor")
 
 
 def unet2d(seed: int = 0, base: int = 32, classes: int = 2) -> onnx.ModelProto:

@@ -124,7 +124,9 @@ class Result:
 MODELS: dict[str, tuple[str, BenchModel]] = {
     "resnet18": ("resnet18", BenchModel("resnet18", "input", "logits", (3, 224, 224), (1000,))),
     "unet2d": ("unet2d", BenchModel("unet2d", "image", "logits", (1, 256, 256),
-                                    (2, 256, 256)))}
+                                    (2, 256, 256))),
+    # ResNet-18's tensors without its compute: the transport floor (not in the default list)
+    "floor": ("floor", BenchModel("floor", "input", "logits", (3, 224, 224), (1000,)))}
 
 
 def _percentiles(latencies: list[float]) -> tuple[float, float]:

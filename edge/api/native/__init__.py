@@ -3,11 +3,11 @@
 A C++ gRPC server takes the public port and hands ModelInfer / ModelStreamInfer requests to
 Python as bytes, without grpcio's Python layers on the way (its polling loop, thread-pool
 hand-off and condition waits cost about 0.4 ms a request on this kind of machine); every other
-method is proxied to the grpcio server on a private Unix socket. docs/serving.md has the
-design and docs/benchmarks.md what it changed.
+method is proxied to the grpcio server on a private Unix socket. docs/serving-interfaces.md
+has the design and docs/benchmarks.md what it changed.
 
 The extension is compiled against this interpreter's headers and Debian's grpc++ into
-``build/native`` (about 40 s on 2 cores, once; rebuilt when the source changes).
+``build/native`` (5-40 s on 2 cores, once; rebuilt when the source changes).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def build(out_dir: Path | None = None) -> Path:
         return output
     cflags, libs = native_build.grpc_flags()
     return native_build.compile_and_link([SOURCE], output, [f"-I{include}", *cflags], libs,
-                                         digest, "the native gRPC front end", 40, shared=True)
+                                         digest, "the native gRPC front end", 20, shared=True)
 
 
 def load() -> ModuleType:

@@ -465,6 +465,10 @@ class Call {
 };
 
 void RunQueue(Core* core) {
+  // A Python thread state for the thread's whole life, the GIL released: each request's
+  // PyGILState_Ensure then only takes the GIL instead of creating and freeing a state.
+  PyGILState_STATE gil = PyGILState_Ensure();
+  PyThreadState* state = PyEval_SaveThread();
   void* raw = nullptr;
   bool ok = false;
   while (core->cq->Next(&raw, &ok)) {
@@ -472,6 +476,8 @@ void RunQueue(Core* core) {
     tag->call->OnEvent(tag->op, ok);
     tag->call->Unref();
   }
+  PyEval_RestoreThread(state);
+  PyGILState_Release(gil);
 }
 
 // --- the reply object -----------------------------------------------------------------------
@@ -573,15 +579,35 @@ struct FrontendObject {
 
 int FrontendInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   static const char* kwlist[] = {"address", "upstream", "dispatch", "max_message_bytes",
-                                 "threads", nullptr};
+                                 "threads", "tls", nullptr};
   const char* address = nullptr;
   const char* upstream = nullptr;
   PyObject* dispatch = nullptr;
+  PyObject* tls = Py_None;
   int max_message = 0;
   int threads = 4;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOi|i", const_cast<char**>(kwlist),
-                                   &address, &upstream, &dispatch, &max_message, &threads)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ssOi|iO", const_cast<char**>(kwlist),
+                                   &address, &upstream, &dispatch, &max_message, &threads,
+                                   &tls)) {
     return -1;
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (tls != Py_None) {  // (private key PEM, certificate chain PEM, CA PEM or None, require)
+    const char *key = nullptr, *chain = nullptr, *ca = nullptr;
+    Py_ssize_t key_len = 0, chain_len = 0, ca_len = 0;
+    int require = 0;
+    if (!PyArg_ParseTuple(tls, "y#y#z#p", &key, &key_len, &chain, &chain_len, &ca, &ca_len,
+                          &require)) {
+      return -1;
+    }
+    grpc::SslServerCredentialsOptions options(
+        require ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    if (ca != nullptr) options.pem_root_certs.assign(ca, static_cast<size_t>(ca_len));
+    options.pem_key_cert_pairs.push_back(
+        {std::string(key, static_cast<size_t>(key_len)),
+         std::string(chain, static_cast<size_t>(chain_len))});
+    credentials = grpc::SslServerCredentials(options);
   }
   if (!PyCallable_Check(dispatch)) {
     PyErr_SetString(PyExc_TypeError, "dispatch must be callable");
@@ -594,7 +620,7 @@ int FrontendInit(PyObject* self, PyObject* args, PyObject* kwargs) {
   }
   auto core = std::make_unique<Core>();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &frontend->port);
+  builder.AddListeningPort(address, credentials, &frontend->port);
   builder.SetMaxReceiveMessageSize(max_message);
   builder.SetMaxSendMessageSize(max_message);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -700,7 +726,9 @@ PyMODINIT_FUNC PyInit__frontend(void) {
   FrontendType.tp_methods = kFrontendMethods;
   FrontendType.tp_getset = kFrontendGetSet;
   FrontendType.tp_doc =
-      "Frontend(address, upstream, dispatch, max_message_bytes, threads=4): serving at once.";
+      "Frontend(address, upstream, dispatch, max_message_bytes, threads=4, tls=None): serving "
+      "at once; tls: (private key PEM, certificate chain PEM, client CA PEM or None, "
+      "require client certificate).";
   if (PyType_Ready(&ReplyType) < 0 || PyType_Ready(&FrontendType) < 0) return nullptr;
   PyObject* module = PyModule_Create(&kModule);
   if (module == nullptr) return nullptr;

@@ -16,6 +16,7 @@ import pytest
 from tls_material import INFER_TOKEN, Pki, edge_server, token_entry, write_repository
 
 from edge.api.grpc_server import GrpcServer
+from edge.api.infer_wire import parse_infer_request
 from edge.api.inference_service import InferenceServicer
 from edge.api.metrics import RequestCounters
 from edge.backends.base import BackendOptions
@@ -39,11 +40,17 @@ class RecordingServicer(InferenceServicer):
         self.seen: list[tuple[str, dict[str, str]]] = []
         self._lock = threading.Lock()
 
-    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def _record(self, message: Any) -> None:
         with self._lock:
-            message = request.message
             self.seen.append((message.id, {k: str(v) for k, v in message.parameters.items()}))
+
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._record(request.message)  # grpcio serving the port
         return super().ModelInfer(request, context)
+
+    def start_infer(self, payload: bytes, *args: Any) -> Any:
+        self._record(parse_infer_request(payload).message)  # the native front end (default)
+        return super().start_infer(payload, *args)
 
 
 @pytest.fixture(scope="module")
