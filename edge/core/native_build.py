@@ -12,6 +12,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,15 +95,19 @@ def compile_and_link(sources: Sequence[Path], output: Path, cflags: Sequence[str
     print(f"building {what} into {output.parent} (about {seconds} s on 2 cores) ...",
           file=sys.stderr, flush=True)
     pic = ["-fPIC"] if shared else []
-    objects = [output.parent / (src.name + ".o") for src in sources]
-    compiles = [subprocess.Popen([gxx, "-O2", "-std=c++17", *pic, *cflags, "-c", str(src),
-                                  "-o", str(obj)], stderr=subprocess.PIPE, text=True)
-                for src, obj in zip(sources, objects, strict=True)]
-    failures = [p.communicate()[1] for p in compiles if p.wait() != 0]
-    if failures:
-        raise NativeBuildError(f"g++ failed: {failures[0].strip()[-2000:]}")
-    partial = output.with_name(output.name + ".tmp")
-    run([gxx, *(["-shared"] if shared else []), *map(str, objects), *libs, "-o", str(partial)])
-    partial.replace(output)
+    # objects and the linked file in a folder of this build's own, so that two processes
+    # building at once (a test server and a `mededge serve` it starts) never mix their files
+    with tempfile.TemporaryDirectory(prefix="build-", dir=output.parent) as tmp:
+        objects = [Path(tmp) / (src.name + ".o") for src in sources]
+        compiles = [subprocess.Popen([gxx, "-O2", "-std=c++17", *pic, *cflags, "-c", str(src),
+                                      "-o", str(obj)], stderr=subprocess.PIPE, text=True)
+                    for src, obj in zip(sources, objects, strict=True)]
+        failures = [p.communicate()[1] for p in compiles if p.wait() != 0]
+        if failures:
+            raise NativeBuildError(f"g++ failed: {failures[0].strip()[-2000:]}")
+        linked = Path(tmp) / output.name
+        run([gxx, *(["-shared"] if shared else []), *map(str, objects), *libs, "-o",
+             str(linked)])
+        linked.replace(output)  # atomic: a process loading it sees the old or the new file
     output.with_name(output.name + ".sha256").write_text(digest)
     return output

@@ -125,3 +125,33 @@ def test_stop_drains_a_request_in_flight(repository: Path, tmp_path: Path, grpcc
     with pytest.raises(grpcclient.InferenceServerException), \
             grpcclient.InferenceServerClient(url) as c:  # the port is closed now
         c.is_server_live(client_timeout=2)
+
+
+def test_without_the_extension_grpcio_serves_the_port(
+        monkeypatch: pytest.MonkeyPatch, repository: Path, tmp_path: Path, grpcclient,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Where the C++ part cannot be built (no g++ or grpc++), the server still serves, with
+    grpcio on the port, and says why."""
+    from edge.api import native
+    from edge.api.server import EdgeServer
+    from edge.core.native_build import NativeBuildError
+
+    def unavailable() -> None:
+        raise NativeBuildError("missing g++ (Debian: g++ libgrpc++-dev ...)")
+
+    monkeypatch.setattr(native, "load", unavailable)
+    edge_server = EdgeServer(server_settings(repository, tmp_path))
+    with caplog.at_level("WARNING"):
+        edge_server.start()
+    try:
+        assert edge_server.grpc_frontend == "grpcio"
+        assert "grpc.native_frontend: not available" in caplog.text and "g++" in caplog.text
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{edge_server.ports.grpc}") as c:
+            x = grpcclient.InferInput("x", [1, 4], "FP32")
+            x.set_data_from_numpy(np.ones((1, 4), np.float32))
+            k = grpcclient.InferInput("k", [1, 4], "INT32")
+            k.set_data_from_numpy(np.zeros((1, 4), np.int32))
+            np.testing.assert_array_equal(c.infer("affine", [x, k]).as_numpy("y"),
+                                          np.full((1, 4), 2.0, np.float32))
+    finally:
+        edge_server.stop(5.0)
