@@ -80,15 +80,14 @@ class NativeFrontend:
             self._frontend.stop(grace_s)
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def _dispatch(self, stream: bool, payload: bytes, remaining: float,
+    def _dispatch(self, stream: bool, payload: bytes, remaining: float | None,
                   authorization: str | None, peer: str, reply: Reply
                   ) -> Future[Any] | None:
         """Called by the C++ server for each request; never raises (a failure is answered)."""
         try:
             if self._tokens is not None:
                 self._authorize(_METHODS[stream], authorization)
-            return self._servicer.start_infer(payload, remaining if remaining >= 0 else None,
-                                              stream, reply)
+            return self._servicer.start_infer(payload, remaining, stream, reply)
         except Exception as exc:
             status = status_for(exc)
             if status.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

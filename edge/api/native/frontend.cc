@@ -6,8 +6,9 @@
 // between threads for a request.
 //
 // * ModelInfer and ModelStreamInfer (the hot path): the request's bytes go to a Python
-//   callable, `dispatch(stream, payload, remaining_s, authorization, peer, reply)`. It answers,
-//   at once or later from any thread, by calling `reply(code, message, parts)` exactly once:
+//   callable, `dispatch(stream, payload, remaining_s, authorization, peer, reply)`
+//   (remaining_s None without a deadline). It answers, at once or later from any thread,
+//   by calling `reply(code, message, parts)` exactly once:
 //   code 0 with the encoded response (bytes or a sequence of buffers, joined here in one copy),
 //   or a gRPC status code and its message. It returns an object with `cancel()` (called when
 //   the client goes away before the answer) or None. Stream answers go out in request order.
@@ -233,9 +234,10 @@ class Call {
     std::vector<grpc::Slice> slices;
     read_buf_.Dump(&slices);
     read_buf_.Clear();
-    double remaining = -1.0;
+    double remaining = 0.0;  // seconds to the deadline, negative once it passed
     auto deadline = ctx_.deadline();
-    if (deadline != std::chrono::system_clock::time_point::max()) {
+    bool has_deadline = deadline != std::chrono::system_clock::time_point::max();
+    if (has_deadline) {
       remaining = std::chrono::duration<double>(deadline - std::chrono::system_clock::now())
                       .count();
     }
@@ -267,8 +269,10 @@ class Call {
                            : PyUnicode_DecodeUTF8(authorization.data(),
                                                   static_cast<Py_ssize_t>(authorization.size()),
                                                   "replace");
-      handle = PyObject_CallFunction(core_->dispatch, "ONdNs#O", stream ? Py_True : Py_False,
-                                     payload, remaining, auth, peer.data(),
+      PyObject* seconds = has_deadline ? PyFloat_FromDouble(remaining)
+                                       : (Py_INCREF(Py_None), Py_None);
+      handle = PyObject_CallFunction(core_->dispatch, "ONNNs#O", stream ? Py_True : Py_False,
+                                     payload, seconds, auth, peer.data(),
                                      static_cast<Py_ssize_t>(peer.size()), reply);
       payload = nullptr;  // stolen by N
     }
