@@ -1,15 +1,15 @@
 """What only the native front end does: proxying the other methods (unary, server streaming and
 bidirectional) with the caller's metadata, replacing a caller's own peer entry, matching many
-concurrent answers to their requests, and draining in-flight requests when it stops.
+concurrent answers to their requests, and stepping aside for grpcio where it cannot be built.
 
 The rest of its behaviour (results, errors, streaming, shared memory, deadlines) is covered by
-every other test in this folder, which runs against both front ends (``conftest.server``).
+every other test in this folder, which runs against both front ends (``conftest.server``);
+draining on SIGTERM by ``test_serve_command`` (``mededge serve``, native by default).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -96,35 +96,6 @@ def test_many_concurrent_answers_go_to_their_requests(server, native_url: str, g
     for thread in threads:
         thread.join(60)
     assert not failures, failures[:5]
-
-
-def test_stop_drains_a_request_in_flight(repository: Path, tmp_path: Path, grpcclient) -> None:
-    from edge.api.server import EdgeServer
-
-    edge_server = EdgeServer(server_settings(repository, tmp_path))
-    edge_server.start()
-    assert edge_server.grpc_frontend == "native"
-    url = f"127.0.0.1:{edge_server.ports.grpc}"
-    results: list = []
-
-    def slow() -> None:
-        with grpcclient.InferenceServerClient(url) as c:
-            x = grpcclient.InferInput("x", [1, 1], "FP32")
-            x.set_data_from_numpy(np.ones((1, 1), np.float32))
-            try:
-                results.append(c.infer("slow", [x]).as_numpy("y"))
-            except grpcclient.InferenceServerException as exc:
-                results.append(exc)
-
-    thread = threading.Thread(target=slow)
-    thread.start()
-    time.sleep(0.1)  # the request is running
-    edge_server.stop(10.0)
-    thread.join(30)
-    assert len(results) == 1 and not isinstance(results[0], Exception), results
-    with pytest.raises(grpcclient.InferenceServerException), \
-            grpcclient.InferenceServerClient(url) as c:  # the port is closed now
-        c.is_server_live(client_timeout=2)
 
 
 def test_without_the_extension_grpcio_serves_the_port(

@@ -72,6 +72,7 @@ def test_serve_prints_ports_and_drains_on_sigterm(repository: Path, tmp_path: Pa
     assert proc.returncode == 0, err[-2000:]
     assert len(results) == 1 and not isinstance(results[0], Exception), results
     assert "mededge: stopped" in out
+    assert re.search(r"serving: grpc \S+ \(native\)", err), err[-2000:]  # the C++ front end
 
 
 def test_serve_rejects_a_bad_config_naming_the_key(tmp_path: Path) -> None:
