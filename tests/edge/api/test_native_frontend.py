@@ -110,6 +110,8 @@ def test_without_the_extension_grpcio_serves_the_port(
     def unavailable() -> None:
         raise NativeBuildError("missing g++ (Debian: g++ libgrpc++-dev ...)")
 
+    # g++ and grpc++ are installed on this machine (.ci/run), so their absence is stood in for
+    # at the one call that builds the extension; everything after it is the real server
     monkeypatch.setattr(native, "load", unavailable)
     edge_server = EdgeServer(server_settings(repository, tmp_path))
     with caplog.at_level("WARNING"):
