@@ -113,7 +113,8 @@ class GrpcServer:
         self._settings, self._servicer = settings, servicer
         self._tokens = tokens if settings.require_token else None  # what the native path checks
         self._native: NativeFrontend | None = None
-        self._credentials = grpc_server_credentials(settings.tls, "grpc.tls")
+        self._pem = server_pem(settings.tls, "grpc.tls")  # None: no TLS
+        self._credentials = grpc_server_credentials(settings.tls, self._pem)
         interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor()]
         if settings.require_token:
             if not tokens:
@@ -184,11 +185,11 @@ class GrpcServer:
         try:
             bound = self._native.start(address, self._settings.max_message_bytes,
                                        self._settings.native_threads,
-                                       server_pem(self._settings.tls, "grpc.tls"),
-                                       self._settings.tls.require_client_cert)
+                                       self._pem, self._settings.tls.require_client_cert)
         except ConfigError:
             self._server.stop(None)
             self._native.stop(0)
+            self._native = None
             raise
         log.info("gRPC: native front end on %s, other methods via %s", address,
                  self._native.upstream)

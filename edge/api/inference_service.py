@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How a front end other than grpcio takes an answer: reply(code, message, encoded parts).
+Reply = Callable[[int, str, Sequence[Any] | None], None]
 #: ModelConfig parameter carrying the sidecar's task, labels and preprocessing as JSON.
 SIDECAR_PARAMETER = "mededge.sidecar"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy")
@@ -292,7 +294,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             yield response
 
     def start_infer(self, payload: bytes, remaining: float | None, stream: bool,
-                    reply: Callable[[int, str, Sequence[Any] | None], None]
+                    reply: Reply
                     ) -> Future[InferenceResponse] | None:
         """ModelInfer (or one ModelStreamInfer message) for a front end that is not grpcio:
         ``payload`` is the encoded request, ``remaining`` the seconds to the gRPC deadline.
@@ -322,7 +324,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return submitted.future
 
     def _reply(self, submitted: _Submitted, stream: bool,
-               reply: Callable[[int, str, Sequence[Any] | None], None]) -> None:
+               reply: Reply) -> None:
         try:
             response = self._answer(submitted, submitted.future.result(0))
         except BaseException as exc:  # noqa: BLE001 (every failure is the caller's answer)
@@ -429,7 +431,7 @@ def _state(entry: Any) -> str:
     return str(getattr(state, "value", state))
 
 
-def _reply_error(reply: Callable[[int, str, Sequence[Any] | None], None], stream: bool,
+def _reply_error(reply: Reply, stream: bool,
                  request: inference_pb2.ModelInferRequest | None, exc: BaseException) -> None:
     """Answer a failed request: on a stream an answer with ``error_message``, else a status."""
     if stream:

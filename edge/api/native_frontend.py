@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import grpc
 from edge.api import native
 from edge.api.auth import TokenStore, bearer_token, is_public, right_for
 from edge.api.errors import status_for
-from edge.api.inference_service import InferenceServicer
+from edge.api.inference_service import InferenceServicer, Reply
 from edge.core.errors import ConfigError
 from edge.core.tls import PemMaterial
 
@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 PEER_KEY = "mededge-peer"
 _METHODS = {False: "/inference.GRPCInferenceService/ModelInfer",
             True: "/inference.GRPCInferenceService/ModelStreamInfer"}
-
-Reply = Callable[[int, str, Sequence[Any] | None], None]
-
 
 class NativeFrontend:
     """The C++ server on the public address, and the private socket it proxies to."""

@@ -159,14 +159,10 @@ def server_pem(tls: ServerTlsSettings, key: str) -> PemMaterial | None:
     return pem
 
 
-def grpc_server_credentials(tls: ServerTlsSettings, key: str) -> Any | None:
-    """``grpc.ServerCredentials`` for ``tls``, or None when TLS is off. With
-    ``require_client_cert`` clients must present a certificate signed by ``ca_file``.
-
-    Raises:
-        ConfigError: a file is missing or invalid; the message names the key.
-    """
-    pem = server_pem(tls, key)
+def grpc_server_credentials(tls: ServerTlsSettings, pem: PemMaterial | None) -> Any | None:
+    """``grpc.ServerCredentials`` for ``tls`` from its material (:func:`server_pem`), or None
+    when TLS is off. With ``require_client_cert`` clients must present a certificate signed
+    by ``ca_file``."""
     if pem is None:
         return None
     import grpc  # only the front ends need grpc
