@@ -2,12 +2,12 @@
 
 A C++ gRPC server takes the public port and hands ModelInfer / ModelStreamInfer requests to
 Python as bytes, without grpcio's Python layers on the way (its polling loop, thread-pool
-hand-off and condition waits cost about 0.4 ms a request on this kind of machine); every other
+hand-off and condition waits cost 0.2-0.4 ms a request on this kind of machine); every other
 method is proxied to the grpcio server on a private Unix socket. docs/serving-interfaces.md
 has the design and docs/benchmarks.md what it changed.
 
 The extension is compiled against this interpreter's headers and Debian's grpc++ into
-``build/native`` (5-40 s on 2 cores, once; rebuilt when the source changes).
+``build/native`` (about 5 s here, once; rebuilt when the source changes).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def load() -> ModuleType:
             if spec is None or spec.loader is None:
                 raise native_build.NativeBuildError(f"cannot import {path}")
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except ImportError as exc:  # e.g. a grpc++ library gone since the build
+                raise native_build.NativeBuildError(f"cannot import {path}: {exc}") from exc
             _module = module
         return _module
