@@ -17,7 +17,10 @@ Per model, in rounds whose order rotates (raw, mededge, Triton; mededge, Triton,
   the C++ one cannot be built, Python processes (their GIL is not the server's). With the C++
   client the batch-1 run alternates with raw ``session.run`` in blocks, and the added latency
   is taken against those raw blocks: this box's speed drifts by up to a millisecond of ResNet
-  p50 over minutes, which a raw figure measured a minute earlier does not share. Four
+  p50 over minutes, which a raw figure measured a minute earlier does not share. The
+  N-client throughput run alternates the same way with raw ``session.run`` at
+  ``max_batch_size`` (its items/s moved by 10 % between minutes), and that row's ratios are
+  against those blocks. Four
   transports (``TRANSPORTS``): ModelInfer calls with
   the tensor in the message; one ModelStreamInfer stream per client; and each of those with
   input and output in system shared memory (perf_analyzer's ``--shared-memory system``: each
@@ -118,6 +121,10 @@ class Result:
     mean_batch: float | None = None
     note: str = ""
     raw_p50_ms: float | None = None  # raw b1 p50 in blocks alternating with this row's b1
+    raw_throughput: float | None = None  # raw b1 items/s in those blocks
+    raw_throughput_max: float | None = None  # raw max-batch items/s alternating with its N clients
+    vs_raw: float | None = None  # throughput / the better of those two (per round, then median)
+    vs_raw_b1: float | None = None  # throughput / raw_throughput
 
 
 #: name -> (its builder in edge.tools.bench_models, its tensors)
@@ -411,20 +418,6 @@ def _encoded_requests(url: str, spec: BenchModel, batch: int, clients: int,
         channel.close()
 
 
-def drive_cpp(loadgen_binary: Path, url: str, spec: BenchModel, batch: int, clients: int,
-              seconds: float, transport: str) -> tuple[list[float], float]:
-    """:func:`drive` with C++ client processes (``edge/tools/loadgen``).
-
-    Raises:
-        RuntimeError: a client failed; the message is its error.
-    """
-    with _encoded_requests(url, spec, batch, clients, transport) as requests:
-        results = loadgen.drive(loadgen_binary, url, requests, spec.output, seconds,
-                                transport in (STREAM, STREAM_SHM), transport in _SHARED)
-    latencies = [v for r in results for v in r]
-    return latencies, len(latencies) * batch / seconds
-
-
 #: The fewest batch-1 requests each side of a paired run gets: a slow model's run is
 #: stretched past ``--seconds`` to reach it (U-Net at ~100 ms a request: 6 s are 60 requests,
 #: 6 a block, and its p50 moved by several ms between such runs).
@@ -444,9 +437,39 @@ def paired_b1(loadgen_binary: Path, url: str, spec: BenchModel, seconds: float,
     estimate = _estimate(lambda: sess.run(None, one))
     seconds = max(seconds, MIN_B1_REQUESTS * estimate)
     with _encoded_requests(url, spec, 1, 1, transport) as requests:
-        return loadgen.paired(loadgen_binary, url, requests[0], spec.output, seconds,
-                              transport in (STREAM, STREAM_SHM), transport in _SHARED,
-                              lambda s: _back_to_back(lambda: sess.run(None, one), s))
+        clients, ref = loadgen.paired(loadgen_binary, url, requests, spec.output, seconds,
+                                      transport in (STREAM, STREAM_SHM), transport in _SHARED,
+                                      lambda s: _back_to_back(lambda: sess.run(None, one), s))
+    return clients[0], ref
+
+
+#: The fewest raw max-batch runs a paired throughput run gets (U-Net at batch 8 takes ~1 s).
+MIN_MAX_BATCH_RUNS = 8
+#: Blocks of a paired throughput run (each a raw block, then all clients together).
+THROUGHPUT_BLOCKS = 4
+
+
+def paired_throughput(loadgen_binary: Path, url: str, spec: BenchModel, batch: int,
+                      clients: int, seconds: float, transport: str, sess: Any
+                      ) -> tuple[float, float]:
+    """Items/s of ``clients`` C++ clients together against raw back-to-back ``sess.run`` at
+    :data:`MAX_BATCH`, in :data:`THROUGHPUT_BLOCKS` alternating blocks
+    (:func:`edge.tools.loadgen.paired`): (server, raw). Each side runs ``seconds``, or
+    :data:`MIN_MAX_BATCH_RUNS` raw runs if that is longer.
+
+    Raises:
+        RuntimeError: a client failed; the message is its error.
+    """
+    many = {spec.input: np.random.default_rng(0).random((MAX_BATCH, *spec.shape),
+                                                         dtype=np.float32)}
+    seconds = max(seconds, MIN_MAX_BATCH_RUNS * _estimate(lambda: sess.run(None, many)))
+    with _encoded_requests(url, spec, batch, clients, transport) as requests:
+        results, ref = loadgen.paired(loadgen_binary, url, requests, spec.output, seconds,
+                                      transport in (STREAM, STREAM_SHM), transport in _SHARED,
+                                      lambda s: _back_to_back(lambda: sess.run(None, many), s),
+                                      blocks=THROUGHPUT_BLOCKS)
+    served = sum(len(r) for r in results) * batch / seconds
+    return served, len(ref) * MAX_BATCH / sum(ref)
 
 
 def _estimate(run: Callable[[], object], repeats: int = 3) -> float:
@@ -470,6 +493,7 @@ def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: i
 
     client = grpcclient().InferenceServerClient(url)
     raw_p50 = None
+    raw_one: list[float] = []
     try:
         if loadgen_binary is not None:
             one, raw_one = paired_b1(loadgen_binary, url, spec, seconds, transport, sess)
@@ -481,17 +505,26 @@ def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: i
         return Result(spec.name, system, note=f"failed: {exc}")
     p50, p99 = _percentiles(one)
     before = _batch_counts(client, spec.name)
-    if loadgen_binary is not None:
-        _, throughput = drive_cpp(loadgen_binary, url, spec, batch, clients, seconds, transport)
-    else:
-        _, throughput = drive(url, spec, batch, clients, seconds, transport)
+    raw_max = None
+    try:
+        if loadgen_binary is not None:
+            throughput, raw_max = paired_throughput(loadgen_binary, url, spec, batch, clients,
+                                                    seconds, transport, sess)
+        else:
+            _, throughput = drive(url, spec, batch, clients, seconds, transport)
+    except RuntimeError as exc:
+        client.close()
+        return Result(spec.name, system, note=f"failed: {exc}")
     after = _batch_counts(client, spec.name)
     mean_batch = None
     if before is not None and after is not None and after[1] > before[1]:
         mean_batch = (after[0] - before[0]) / (after[1] - before[1])
     client.close()
+    raw_b1 = len(raw_one) / sum(raw_one) if raw_one else None
     return Result(spec.name, system, p50, p99, throughput, mean_batch=mean_batch,
-                  raw_p50_ms=raw_p50)
+                  raw_p50_ms=raw_p50, raw_throughput=raw_b1, raw_throughput_max=raw_max,
+                  vs_raw=throughput / max(raw_b1, raw_max) if raw_b1 and raw_max else None,
+                  vs_raw_b1=throughput / raw_b1 if raw_b1 else None)
 
 
 def verify_server(system: str, url: str, spec: BenchModel, sess: Any) -> None:
@@ -610,7 +643,10 @@ def _median(rows: list[Result]) -> Result:
     return Result(first.model, first.system, med([r.p50_ms for r in rows]),
                   med([r.p99_ms for r in rows]), med([r.throughput for r in rows]),
                   med([r.throughput_max for r in rows]), med([r.mean_batch for r in rows]),
-                  first.note, med([r.raw_p50_ms for r in rows]))
+                  first.note, med([r.raw_p50_ms for r in rows]),
+                  med([r.raw_throughput for r in rows]),
+                  med([r.raw_throughput_max for r in rows]), med([r.vs_raw for r in rows]),
+                  med([r.vs_raw_b1 for r in rows]))
 
 
 def _write_models(repo: Path, names: list[str]) -> list[tuple[Path, BenchModel]]:
@@ -735,7 +771,9 @@ def markdown(results: list[Result], batch: int, clients: int) -> str:
     "vs raw" divides a server's throughput by the *better* of raw's batch-1 and
     max-batch back-to-back throughputs (the stricter reference), "vs raw b1" by raw's batch-1
     throughput; "added" is the server's batch-1 p50 minus raw's: the raw p50 measured in blocks
-    alternating with that row's (``raw_p50_ms``) where there is one, else the raw row's.
+    alternating with that row's (``raw_p50_ms``) where there is one, else the raw row's. Rows
+    whose throughput was paired with raw blocks (``vs_raw``, ``vs_raw_b1``: the C++ clients)
+    take their ratios against those blocks, not against the raw row.
     """
     raw = {r.model: r for r in results if r.system == RAW}
     lines = [f"| model | system | b1 p50 ms | b1 p99 ms | added p50 ms | {clients} clients "
@@ -754,8 +792,10 @@ def markdown(results: list[Result], batch: int, clients: int) -> str:
         base = r.raw_p50_ms if r.raw_p50_ms is not None else ref.p50_ms if ref else None
         added = r.p50_ms - base if base is not None else 0.0
         best = max(ref.throughput or 0.0, ref.throughput_max or 0.0) if ref else 0.0
-        ratio = f"{r.throughput / best:.1%}" if best else "-"
-        ratio_b1 = f"{r.throughput / ref.throughput:.1%}" if ref and ref.throughput else "-"
+        ratio = f"{r.vs_raw:.1%}" if r.vs_raw is not None else \
+            f"{r.throughput / best:.1%}" if best else "-"
+        ratio_b1 = f"{r.vs_raw_b1:.1%}" if r.vs_raw_b1 is not None else \
+            f"{r.throughput / ref.throughput:.1%}" if ref and ref.throughput else "-"
         mean = f"{r.mean_batch:.1f}" if r.mean_batch is not None else "-"
         lines.append(f"| {r.model} | {r.system} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
                      f"{added:+.2f} | {r.throughput:.1f} | {mean} | {ratio} | {ratio_b1} |")
@@ -775,7 +815,10 @@ def _client_note(binary: Path | None, why_not: str) -> str:
                 "in flight each; the batch-1 run alternates with raw session.run in 10 blocks "
                 f"(raw, server, raw, server ...; at least {MIN_B1_REQUESTS} requests a side, "
                 "so slow models run longer than --seconds), and 'added' is the server's p50 "
-                "minus the raw p50 of those blocks")
+                "minus the raw p50 of those blocks; likewise the N-client run alternates with "
+                f"raw session.run at batch {MAX_BATCH} in {THROUGHPUT_BLOCKS} blocks (at least "
+                f"{MIN_MAX_BATCH_RUNS} runs a side), and a row's 'vs raw' and 'vs raw b1' are "
+                "against its own raw blocks (the raw rows are raw's own run in the round)")
     return (f"clients are Python processes ({why_not}), one request in flight each; 'added' "
             f"is the server's p50 minus the raw row's")
 

@@ -71,12 +71,9 @@ def build(out_dir: Path | None = None) -> Path:
 
 
 def _command(binary: Path, url: str, request: Path, output: str, seconds: float,
-             stream: bool, shared_output: bool, start_at: float = 0.0,
-             blocks: int = 1) -> list[str]:
+             stream: bool, shared_output: bool, blocks: int = 1) -> list[str]:
     command = [str(binary), "--url", url, "--request", str(request), "--output", output,
                "--seconds", f"{seconds:g}"]
-    if start_at:
-        command += ["--start-at", f"{start_at:.3f}"]
     if blocks > 1:
         command += ["--blocks", str(blocks)]
     if stream:
@@ -90,93 +87,104 @@ def _latencies(text: str) -> list[float]:
     return [int(line) / 1e9 for line in text.split() if line != "."]
 
 
-def drive(binary: Path, url: str, requests: Sequence[bytes], output: str, seconds: float,
-          stream: bool, shared_output: bool) -> list[list[float]]:
-    """One client process per request (each sends its own, one in flight), started together
-    once all have connected and warmed up; each client's latencies in seconds.
+def paired(binary: Path, url: str, requests: Sequence[bytes], output: str, seconds: float,
+           stream: bool, shared_output: bool, reference: Callable[[float], list[float]],
+           blocks: int = 10) -> tuple[list[list[float]], list[float]]:
+    """Clients (one process per request, one in flight each) against ``reference`` (e.g. raw
+    ONNX Runtime, run in this process for a given number of seconds, returning its latencies),
+    alternating in ``blocks`` blocks that share ``seconds``: reference, clients, reference,
+    clients ... So both see the same machine, and a drift of its speed over the minute (this
+    box's batch-1 p50 moves by up to a millisecond between runs, its throughput by 10 %) lands
+    in both. Each client block starts with two untimed requests per client, so ``reference``
+    should warm up the same way (``bench_serve._back_to_back`` does); with several clients,
+    all of them start timing together once every one has warmed up. (each client's latencies
+    over all its blocks, the reference's latencies).
 
     Raises:
         RuntimeError: a client failed; the message is its error.
     """
-    with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
-        files = []
-        for i, request in enumerate(requests):
-            files.append(Path(tmp) / f"request-{i}.bin")
-            files[-1].write_bytes(request)
-        start_at = time.time() + 1.0 + 0.1 * len(files)
-        procs = [subprocess.Popen(_command(binary, url, f, output, seconds, stream,
-                                           shared_output, start_at),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for f in files]
-        results = []
-        try:
-            for proc in procs:
-                stdout, stderr = proc.communicate(timeout=seconds + 120)
-                if proc.returncode != 0:
-                    raise RuntimeError(stderr.strip() or f"exit code {proc.returncode}")
-                results.append(_latencies(stdout))
-        finally:  # one client failed: the others are not left running
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-    return results
-
-
-def paired(binary: Path, url: str, request: bytes, output: str, seconds: float, stream: bool,
-           shared_output: bool, reference: Callable[[float], list[float]],
-           blocks: int = 10) -> tuple[list[float], list[float]]:
-    """Batch-1 latency of one client against ``reference`` (e.g. raw ONNX Runtime, run in this
-    process for a given number of seconds, returning its latencies), alternating in ``blocks``
-    blocks that share ``seconds``: reference, client, reference, client ... So both see the
-    same machine, and a drift of its speed over the minute (this box's batch-1 p50 moves by
-    up to a millisecond between runs) lands in both. Each client block starts with two untimed
-    requests, so ``reference`` should warm up the same way (``bench_serve._back_to_back``
-    does). (client latencies, reference latencies).
-
-    Raises:
-        RuntimeError: the client failed; the message is its error.
-    """
     blocks = max(2, blocks)
     block = seconds / blocks
+    sync = len(requests) > 1
     with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
-        file = Path(tmp) / "request.bin"
-        file.write_bytes(request)
-        proc = subprocess.Popen(_command(binary, url, file, output, block, stream,
-                                         shared_output, blocks=blocks),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        assert proc.stdin is not None and proc.stdout is not None
-        errors: list[str] = []
-        reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()),  # type: ignore[union-attr]
-                                  daemon=True)
-        reader.start()
-        client: list[float] = []
+        procs = []
+        for i, request in enumerate(requests):
+            file = Path(tmp) / f"request-{i}.bin"
+            file.write_bytes(request)
+            command = _command(binary, url, file, output, block, stream, shared_output,
+                               blocks=blocks) + (["--sync"] if sync else [])
+            procs.append(_Paired(command))
         ref: list[float] = []
         try:
             for _ in range(blocks):
                 ref += reference(block)
-                proc.stdin.write("\n")
-                proc.stdin.flush()
-                lines = []
-                for line in proc.stdout:
-                    if line.strip() == ".":
-                        break
-                    lines.append(line)
-                else:
-                    raise RuntimeError("client ended early")
-                client += _latencies("".join(lines))
-            proc.stdin.close()
-            proc.wait(timeout=30)
+                for proc in procs:
+                    proc.send("")
+                if sync:
+                    for proc in procs:
+                        proc.expect_ready()
+                    start = f"{time.time() + 0.02:.6f}"
+                    for proc in procs:
+                        proc.send(start)
+                for proc in procs:
+                    proc.read_block()
+            for proc in procs:
+                proc.finish()
         except (RuntimeError, BrokenPipeError, OSError) as exc:
-            proc.kill()
-            proc.wait()
-            reader.join(5)
-            raise RuntimeError((errors[0].strip() if errors and errors[0].strip() else "")
-                               or str(exc)) from None
-        if proc.returncode != 0:
-            reader.join(5)
-            raise RuntimeError((errors[0].strip() if errors else "")
-                               or f"exit code {proc.returncode}")
-    return client, ref
+            for proc in procs:
+                proc.kill()
+            messages = [m for m in (proc.error() for proc in procs) if m]
+            raise RuntimeError(messages[0] if messages else str(exc)) from None
+    return [proc.latencies for proc in procs], ref
 
+
+class _Paired:
+    """One client process of :func:`paired`, driven block by block over its stdin/stdout."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.latencies: list[float] = []
+        self._errors: list[str] = []
+        self._reader = threading.Thread(
+            target=lambda: self._errors.append(self.proc.stderr.read()),  # type: ignore[union-attr]
+            daemon=True)
+        self._reader.start()
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def expect_ready(self) -> None:
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("client ended early")
+
+    def read_block(self) -> None:
+        assert self.proc.stdout is not None
+        lines = []
+        for line in self.proc.stdout:
+            if line.strip() == ".":
+                break
+            lines.append(line)
+        else:
+            raise RuntimeError("client ended early")
+        self.latencies += _latencies("".join(lines))
+
+    def finish(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"exit code {self.proc.returncode}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def error(self) -> str:
+        """What the client wrote on stderr (after it ended)."""
+        self._reader.join(5)
+        return self._errors[0].strip() if self._errors else ""

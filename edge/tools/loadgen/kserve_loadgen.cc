@@ -4,8 +4,8 @@
 //
 // It sends one pre-encoded ModelInferRequest (a file written by edge/tools/bench_serve.py; its
 // tensors in the message or naming shared-memory regions the caller registered) back to back,
-// one in flight, over ModelInfer calls or on one ModelStreamInfer stream, from --start-at (Unix
-// time, seconds) for --seconds, and prints each latency in nanoseconds, one per line. Every
+// one in flight, over ModelInfer calls or on one ModelStreamInfer stream, for --seconds, and
+// prints each latency in nanoseconds, one per line. Every
 // answer is checked: no error, exactly the expected output, its bytes in the message or (with
 // --shared-output) left in shared memory. Exit 1 with the reason on stderr otherwise.
 //
@@ -13,10 +13,12 @@
 // each (then two untimed requests, as after an idle server the first answers are slow) and
 // printing a line "." after each, so that the caller can run its reference (raw ONNX Runtime,
 // which warms up the same way) between the blocks: both then see the same machine, minute by
-// minute.
+// minute. With --sync as well (several clients measured together), each block's warm-up ends
+// with a line "ready" on stdout, and the client then waits for a second line on stdin: the
+// Unix time at which every client starts timing.
 //
 //   kserve_loadgen --url 127.0.0.1:8001 --request req.bin --output logits --seconds 5
-//                  [--stream] [--shared-output] [--start-at 1733000000.5] [--blocks N]
+//                  [--stream] [--shared-output] [--blocks N [--sync]]
 
 #include <grpcpp/grpcpp.h>
 
@@ -41,10 +43,10 @@ struct Options {
   std::string request_file;
   std::string output;
   double seconds = 5.0;
-  double start_at = 0.0;
   int blocks = 1;
   bool stream = false;
   bool shared_output = false;
+  bool sync = false;
 };
 
 [[noreturn]] void Fail(const std::string& message) {
@@ -64,16 +66,17 @@ Options Parse(int argc, char** argv) {
     else if (arg == "--request") options.request_file = value();
     else if (arg == "--output") options.output = value();
     else if (arg == "--seconds") options.seconds = std::atof(value().c_str());
-    else if (arg == "--start-at") options.start_at = std::atof(value().c_str());
     else if (arg == "--blocks") options.blocks = std::atoi(value().c_str());
     else if (arg == "--stream") options.stream = true;
     else if (arg == "--shared-output") options.shared_output = true;
+    else if (arg == "--sync") options.sync = true;
     else Fail("unknown argument " + arg);
   }
   if (options.url.empty() || options.request_file.empty() || options.output.empty()) {
     Fail("--url, --request and --output are required");
   }
   if (options.blocks < 1 || options.seconds <= 0) Fail("--blocks and --seconds must be positive");
+  if (options.sync && options.blocks < 2) Fail("--sync needs --blocks");
   return options;
 }
 
@@ -149,18 +152,18 @@ class Client {
   inference::ModelStreamInferResponse stream_answer_;
 };
 
+void SleepUntil(double unix_seconds) {
+  std::this_thread::sleep_until(std::chrono::system_clock::time_point(
+      std::chrono::duration_cast<std::chrono::system_clock::duration>(
+          std::chrono::duration<double>(unix_seconds))));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const Options options = Parse(argc, argv);
   Client client(options, ReadRequest(options.request_file));
   for (int i = 0; i < 2; ++i) Check(client.Infer(), options);  // warm-up, checked
-  if (options.start_at > 0) {
-    auto start = std::chrono::system_clock::time_point(
-        std::chrono::duration_cast<std::chrono::system_clock::duration>(
-            std::chrono::duration<double>(options.start_at)));
-    std::this_thread::sleep_until(start);
-  }
   using Clock = std::chrono::steady_clock;
   std::vector<long long> latencies;
   latencies.reserve(1 << 16);
@@ -170,6 +173,12 @@ int main(int argc, char** argv) {
       if (!std::getline(std::cin, go)) Fail("stdin closed before block " + std::to_string(block));
       // as the reference's blocks start warm, so do these: the server sat idle meanwhile
       for (int i = 0; i < 2; ++i) Check(client.Infer(), options);
+      if (options.sync) {
+        std::fputs("ready\n", stdout);
+        std::fflush(stdout);
+        if (!std::getline(std::cin, go)) Fail("stdin closed before block " + std::to_string(block));
+        SleepUntil(std::atof(go.c_str()));
+      }
     }
     latencies.clear();
     const auto end = Clock::now() + std::chrono::duration_cast<Clock::duration>(

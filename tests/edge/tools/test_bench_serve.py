@@ -30,10 +30,10 @@ from edge.tools.bench_serve import (
     _median,
     bench_server,
     drive,
-    drive_cpp,
     encoded_request,
     markdown,
     paired_b1,
+    paired_throughput,
     start_mededge,
     verify_shared_memory,
 )
@@ -246,15 +246,23 @@ def loadgen_binary() -> Path:
     return binary
 
 
+def _probe_session(repo: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(repo / "probe" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+
+
 def test_cpp_clients_drive_a_real_mededge_server_over_every_transport(
         tmp_path: Path, loadgen_binary: Path) -> None:
     spec = _probe_model(tmp_path / "repo")
+    sess = _probe_session(tmp_path / "repo")
     proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
     try:
         for transport in (UNARY, STREAM, SHM, STREAM_SHM):
-            latencies, throughput = drive_cpp(loadgen_binary, url, spec, 2, 2, 0.4, transport)
-            assert latencies and throughput == len(latencies) * 2 / 0.4, transport
-            assert all(0 < v < 5 for v in latencies), transport
+            served, raw = paired_throughput(loadgen_binary, url, spec, 2, 2, 0.4, transport,
+                                            sess)
+            assert served > 0 and raw > 0, transport
     finally:
         stop_group(proc)
     leftovers = [p.name for p in Path("/dev/shm").glob("bench-*")]
@@ -263,20 +271,17 @@ def test_cpp_clients_drive_a_real_mededge_server_over_every_transport(
 
 def test_cpp_client_errors_surface_with_the_servers_message(tmp_path: Path,
                                                             loadgen_binary: Path) -> None:
-    import onnxruntime as ort
-
     _probe_model(tmp_path / "repo")
-    sess = ort.InferenceSession(str(tmp_path / "repo" / "probe" / "1" / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
+    sess = _probe_session(tmp_path / "repo")
     proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
     try:
         missing = BenchModel("absent", "input", "logits", (3, 8, 8), (3,))
         for transport in (UNARY, STREAM):
             with pytest.raises(RuntimeError, match="absent"):  # the server's NOT_FOUND message
-                drive_cpp(loadgen_binary, url, missing, 1, 1, 0.5, transport)
+                paired_throughput(loadgen_binary, url, missing, 1, 2, 0.5, transport, sess)
         other = BenchModel("probe", "input", "nope", (3, 8, 8), (3,))
         with pytest.raises(RuntimeError, match="nope"):
-            drive_cpp(loadgen_binary, url, other, 1, 1, 0.5, UNARY)
+            paired_b1(loadgen_binary, url, other, 0.5, UNARY, sess)
         result = bench_server(MEDEDGE, url, missing, 1, 1, 0.5, STREAM, loadgen_binary, sess)
         assert result.p50_ms is None and "absent" in result.note
     finally:
@@ -285,13 +290,10 @@ def test_cpp_client_errors_surface_with_the_servers_message(tmp_path: Path,
 
 def test_paired_batch1_alternates_the_server_with_the_reference(tmp_path: Path,
                                                                  loadgen_binary: Path) -> None:
-    import onnxruntime as ort
-
     from edge.tools import loadgen
 
     spec = _probe_model(tmp_path / "repo")
-    sess = ort.InferenceSession(str(tmp_path / "repo" / "probe" / "1" / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
+    sess = _probe_session(tmp_path / "repo")
     proc, url = start_mededge(tmp_path / "repo", tmp_path, threads=1)
     blocks: list[tuple[float, float]] = []
 
@@ -303,12 +305,20 @@ def test_paired_batch1_alternates_the_server_with_the_reference(tmp_path: Path,
 
     try:
         with _encoded_requests(url, spec, 1, 1, STREAM_SHM) as requests:
-            server, ref = loadgen.paired(loadgen_binary, url, requests[0], spec.output, 1.0,
-                                         True, True, reference, blocks=4)
+            (server,), ref = loadgen.paired(loadgen_binary, url, requests, spec.output, 1.0,
+                                            True, True, reference, blocks=4)
         assert len(blocks) == 4 and ref == [0.25] * 4
         gaps = [b[0] - a[1] for a, b in itertools.pairwise(blocks)]
         assert all(g >= 0.2 for g in gaps), f"the client's blocks did not run between: {gaps}"
         assert len(server) > 4
+        # several clients: all of them run between the reference's blocks, timed together
+        blocks.clear()
+        with _encoded_requests(url, spec, 1, 3, STREAM_SHM) as requests:
+            clients, ref = loadgen.paired(loadgen_binary, url, requests, spec.output, 0.9,
+                                          True, True, reference, blocks=3)
+        gaps = [b[0] - a[1] for a, b in itertools.pairwise(blocks)]
+        assert len(clients) == 3 and all(len(c) > 3 for c in clients)
+        assert len(blocks) == 3 and all(g >= 0.3 for g in gaps), gaps
         row = bench_server(MEDEDGE, url, spec, 2, 2, 0.5, STREAM_SHM, loadgen_binary, sess)
 
         class Slow:  # a 5 ms model: 0.1 s would be 20 requests, fewer than the minimum
@@ -323,6 +333,11 @@ def test_paired_batch1_alternates_the_server_with_the_reference(tmp_path: Path,
         stop_group(proc)
     assert len(slow_ref) >= 0.8 * MIN_B1_REQUESTS and took >= MIN_B1_REQUESTS * 0.005
     assert row.p50_ms is not None and row.raw_p50_ms is not None and row.throughput
+    assert row.raw_throughput and row.raw_throughput_max and row.vs_raw and row.vs_raw_b1
+    assert row.vs_raw == pytest.approx(
+        row.throughput / max(row.raw_throughput, row.raw_throughput_max))
     table = markdown([Result("probe", RAW, 1.0, 2.0, 10.0, 20.0),
-                      replace(row, p50_ms=1.5, raw_p50_ms=0.75)], 1, 2)
-    assert "+0.75" in table  # added against the paired raw blocks, not the raw row
+                      replace(row, p50_ms=1.5, raw_p50_ms=0.75, vs_raw=0.5, vs_raw_b1=0.25)],
+                     1, 2)
+    # added and the ratios against the paired raw blocks, not the raw row
+    assert "| +0.75 |" in table and "| 50.0% | 25.0% |" in table
