@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -37,10 +37,13 @@ from edge.api.metrics import RequestCounters
 from edge.api.shared_memory import SharedMemoryRegistry
 from edge.api.statistics import model_statistics_proto, served_models
 from edge.api.tensor_codec import (
+    AnswerPlan,
     ShmPlacement,
     check_output_placement,
     decode_inputs,
     encode_outputs,
+    encode_planned,
+    plan_answer,
     shm_placement,
 )
 from edge.core.errors import DeadlineExceededError, InvalidInputError
@@ -101,17 +104,25 @@ def _priority(request: inference_pb2.ModelInferRequest) -> int:
     return int(param.uint64_param or param.int64_param)
 
 
-@dataclass(frozen=True)
 class _Submitted:
-    """A request handed to the scheduler, waiting for its result."""
+    """A request handed to the scheduler, waiting for its result (``future``: None until
+    ``submit`` returned; a front end's reply callback gets the future itself)."""
 
-    request: WireInferRequest
-    model: ServedModel
-    future: Future[InferenceResponse]
-    deadline: float | None
-    outputs: tuple[str, ...]
-    placements: dict[str, ShmPlacement]
-    started_ns: int
+    __slots__ = ("request", "model", "future", "deadline", "outputs", "placements",
+                 "started_ns", "plan")
+
+    def __init__(self, request: WireInferRequest, model: ServedModel,
+                 deadline: float | None, outputs: tuple[str, ...],
+                 placements: dict[str, ShmPlacement], started_ns: int,
+                 plan: AnswerPlan | None) -> None:
+        self.request = request
+        self.model = model
+        self.future: Future[InferenceResponse] | None = None
+        self.deadline = deadline
+        self.outputs = outputs
+        self.placements = placements
+        self.started_ns = started_ns
+        self.plan = plan
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -255,8 +266,10 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         model = self._manager.get(message.model_name, parse_version(message.model_version))
         try:
             submitted = self._submit(model, request, context.time_remaining(), started)
-            if not context.add_callback(submitted.future.cancel):
-                submitted.future.cancel()
+            future = submitted.future
+            assert future is not None
+            if not context.add_callback(future.cancel):
+                future.cancel()
             return self._finish(submitted)
         finally:
             self._counters.observe(model.id.name, str(model.id.version),
@@ -313,20 +326,22 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInputError(f"malformed request: {exc}") from exc
             message = request.message
             model = self._manager.get(message.model_name, parse_version(message.model_version))
-            submitted = self._submit(model, request, remaining, started)
+            # The answer goes out from the thread that completes the future, as soon as it
+            # does: before an inline run's bookkeeping, which follows it.
+            future = self._submit(model, request, remaining, started, lambda submitted, done:
+                                  self._reply(submitted, done, stream, reply)).future
         except Exception as exc:
             if model is not None:
                 self._counters.observe(model.id.name, str(model.id.version),
                                        time.perf_counter_ns() - started)
             _reply_error(reply, stream, message, exc)
             return None
-        submitted.future.add_done_callback(lambda _: self._reply(submitted, stream, reply))
-        return submitted.future
+        return future
 
-    def _reply(self, submitted: _Submitted, stream: bool,
+    def _reply(self, submitted: _Submitted, future: Future[InferenceResponse], stream: bool,
                reply: Reply) -> None:
         try:
-            response = self._answer(submitted, submitted.future.result(0))
+            response = self._answer(submitted, future.result(0))
         except BaseException as exc:  # noqa: BLE001 (every failure is the caller's answer)
             _reply_error(reply, stream, submitted.request.message, exc)
         else:
@@ -352,8 +367,12 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             return _stream_error(message, exc)
 
     def _submit(self, model: ServedModel, request: WireInferRequest,
-                remaining: float | None, started: int) -> _Submitted:
-        """Decode and submit (``remaining``: seconds to the gRPC deadline, None: none).
+                remaining: float | None, started: int,
+                on_done: Callable[[_Submitted, Future[InferenceResponse]], None] | None = None
+                ) -> _Submitted:
+        """Decode and submit (``remaining``: seconds to the gRPC deadline, None: none);
+        ``on_done(submitted, future)`` is called when the future completes, from the thread
+        that completes it (possibly this one, before this returns).
 
         Raises:
             InvalidInputError: undecodable tensors, an unknown output, or inputs the model
@@ -376,16 +395,19 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     check_output_placement(name, placement, self._shm)
                     placements[name] = placement
             deadline = _deadline(message, remaining)
-            future = model.submit(InferenceRequest(
+            outputs = requested or tuple(known)
+            submitted = _Submitted(request, model, deadline, outputs, placements, started,
+                                   _plan(model, message.id, outputs, placements, inputs))
+            submitted.future = model.submit(InferenceRequest(
                 model=model.id.name, inputs=inputs, version=model.id.version,
                 request_id=message.id, priority=_priority(message), deadline=deadline,
-                outputs=requested), inline=True)
+                outputs=requested), inline=True,
+                on_done=None if on_done is None else partial(on_done, submitted))
         except InvalidInputError:
             # The scheduler counts rejections for a full queue, not for invalid input.
             self._counters.refuse(model.id.name, str(model.id.version))
             raise
-        return _Submitted(request, model, future, deadline, requested or tuple(known),
-                          placements, started)
+        return submitted
 
     def _finish(self, submitted: _Submitted) -> WireInferResponse:
         """Wait for the result and build the response.
@@ -394,25 +416,50 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             DeadlineExceededError: the deadline (plus a grace) passed without a result.
             MededgeError: whatever the scheduler failed the request with.
         """
+        future = submitted.future
+        assert future is not None
         timeout = None
         if submitted.deadline is not None:
             timeout = max(0.0, submitted.deadline - time.monotonic()) + _DEADLINE_GRACE_S
         try:
-            result = submitted.future.result(timeout)
+            result = future.result(timeout)
         except TimeoutError as exc:
-            submitted.future.cancel()
+            future.cancel()
             raise DeadlineExceededError(
                 f"model {submitted.model.id}: deadline passed before execution") from exc
         return self._answer(submitted, result)
 
     def _answer(self, submitted: _Submitted, result: InferenceResponse) -> WireInferResponse:
         """The response to a submitted request from its result (outputs encoded, or written to
-        their shared-memory regions)."""
+        their shared-memory regions): the answer planned before the run where the outputs
+        came out as planned, else encoded now."""
+        plan = submitted.plan
+        if plan is not None and result.model == submitted.model.id:
+            raw = encode_planned(plan, result.outputs, submitted.placements, self._shm)
+            if raw is not None:
+                return WireInferResponse(plan.head, raw)
         response = inference_pb2.ModelInferResponse(
             model_name=result.model.name, model_version=str(result.model.version),
             id=submitted.request.message.id)
         return WireInferResponse(response, encode_outputs(
             response, result.outputs, submitted.outputs, submitted.placements, self._shm))
+
+
+def _plan(model: ServedModel, request_id: str, outputs: tuple[str, ...],
+          placements: dict[str, ShmPlacement], inputs: dict[str, Any]) -> AnswerPlan | None:
+    """The answer encoded ahead (:class:`~edge.api.tensor_codec.AnswerPlan`), expecting each
+    output with its configured shape behind the request's batch size."""
+    batch: tuple[int, ...] = ()
+    if model.max_batch_size > 0:
+        first = next(iter(inputs.values()), None)
+        if first is None or not first.ndim:
+            return None
+        batch = (int(first.shape[0]),)
+    specs = {spec.name: spec for spec in model.outputs}
+    return plan_answer(inference_pb2.ModelInferResponse(
+        model_name=model.id.name, model_version=str(model.id.version), id=request_id),
+        [(name, specs[name].datatype, batch + specs[name].shape) for name in outputs],
+        placements)
 
 
 def is_local_peer(peer: str) -> bool:

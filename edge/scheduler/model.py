@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 
@@ -114,10 +114,13 @@ class ServedModel:
 
     # -- submitting ---------------------------------------------------------------------------
 
-    def submit(self, request: InferenceRequest, inline: bool = False
+    def submit(self, request: InferenceRequest, inline: bool = False,
+               on_done: Callable[[Future[InferenceResponse]], None] | None = None
                ) -> Future[InferenceResponse]:
         """Validate and queue ``request``; the future gets its response. With ``inline``, an
         idle model without queue delay executes it on this thread before returning.
+        ``on_done`` is added to the future's done callbacks before it can complete, so that
+        an inline execution answers before its bookkeeping (statistics) is done.
 
         The future fails with DeadlineExceededError at ``request.deadline`` (or the queue
         policy's default timeout), BackendError when execution fails, and ModelNotReadyError
@@ -130,7 +133,7 @@ class ServedModel:
             ModelNotReadyError: the version was unloaded (and no newer version took over).
         """
         if self._retired:
-            return self._forward(request, inline)
+            return self._forward(request, inline, on_done)
         inputs, size = self._validate(request)
         if request.outputs:
             unknown = [n for n in request.outputs if n not in self._output_names]
@@ -147,6 +150,8 @@ class ServedModel:
         elif self._default_timeout_ns:
             deadline_ns = time.monotonic_ns() + self._default_timeout_ns
         future = RequestFuture()
+        if on_done is not None:
+            future.add_done_callback(on_done)
         nbytes = sum(a.nbytes for a in inputs.values())
         item = Pending(request, inputs, future, level, deadline_ns, size, nbytes,
                        shape_key(inputs) if self._policy.batches_requests else None, outputs)
@@ -160,16 +165,17 @@ class ServedModel:
             self._stats.record_failure(0, REASON_REJECTED)
             raise
         except ModelNotReadyError:
-            return self._forward(request, inline)
+            return self._forward(request, inline, on_done)
         if deadline_ns is not None:
             self._timer.schedule(item)
         return future
 
-    def _forward(self, request: InferenceRequest, inline: bool = False
+    def _forward(self, request: InferenceRequest, inline: bool = False,
+                 on_done: Callable[[Future[InferenceResponse]], None] | None = None
                  ) -> Future[InferenceResponse]:
         successor = self._successor
         if successor is not None and request.version in (None, successor.id.version):
-            return successor.submit(request, inline)
+            return successor.submit(request, inline, on_done)
         raise ModelNotReadyError(f"{self.id}: unloaded")
 
     def _validate(self, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:
@@ -249,15 +255,16 @@ class ServedModel:
                     self._stats.record_failure(end - item.enqueue_ns, REASON_BACKEND)
             return
         end = time.monotonic_ns()
+        # answers first (a future's callbacks may send them), then the statistics
+        answered = [item for item, part in zip(batch, parts, strict=True) if _settle(
+            item.future, result=InferenceResponse(
+                model=self.id, request_id=item.request.request_id, outputs=part,
+                queue_ns=start - item.enqueue_ns, compute_ns=end - start))]
         input_ns, infer_ns, output_ns = t_infer - start, t_output - t_infer, end - t_output
         self._stats.record_execution(sum(i.size for i in batch), input_ns, infer_ns, output_ns)
-        for item, part in zip(batch, parts, strict=True):
-            response = InferenceResponse(model=self.id, request_id=item.request.request_id,
-                                         outputs=part, queue_ns=start - item.enqueue_ns,
-                                         compute_ns=end - start)
-            if _settle(item.future, result=response):
-                self._stats.record_success(end - item.enqueue_ns, start - item.enqueue_ns,
-                                           input_ns, infer_ns, output_ns)
+        for item in answered:
+            self._stats.record_success(end - item.enqueue_ns, start - item.enqueue_ns,
+                                       input_ns, infer_ns, output_ns)
 
     def _cancelled(self, item: Pending) -> None:
         if self._queue.remove(item):
