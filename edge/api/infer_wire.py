@@ -46,10 +46,10 @@ class WireInferRequest:
 
 @dataclass(frozen=True)
 class WireInferResponse:
-    """A ModelInferResponse to send: ``message`` without raw outputs (or its encoding), and
-    the arrays whose bytes become ``raw_output_contents`` in order (C-contiguous)."""
+    """A ModelInferResponse to send: ``message`` without raw outputs, and the arrays whose bytes
+    become ``raw_output_contents`` in order (C-contiguous)."""
 
-    message: inference_pb2.ModelInferResponse | bytes
+    message: inference_pb2.ModelInferResponse
     raw: tuple[np.ndarray, ...]
 
 
@@ -119,8 +119,7 @@ def parse_infer_request(data: bytes) -> WireInferRequest:
 
 def _response_parts(response: WireInferResponse) -> tuple[list[bytes | np.ndarray], int]:
     """The pieces of the encoded ModelInferResponse (no copy of the outputs) and their size."""
-    message = response.message
-    head = message if isinstance(message, bytes) else message.SerializeToString()
+    head = response.message.SerializeToString()
     parts: list[bytes | np.ndarray] = [head]
     size = len(head)
     for array in response.raw:

@@ -37,13 +37,10 @@ from edge.api.metrics import RequestCounters
 from edge.api.shared_memory import SharedMemoryRegistry
 from edge.api.statistics import model_statistics_proto, served_models
 from edge.api.tensor_codec import (
-    AnswerPlan,
     ShmPlacement,
     check_output_placement,
     decode_inputs,
     encode_outputs,
-    encode_planned,
-    plan_answer,
     shm_placement,
 )
 from edge.core.errors import DeadlineExceededError, InvalidInputError
@@ -109,12 +106,11 @@ class _Submitted:
     ``submit`` returned; a front end's reply callback gets the future itself)."""
 
     __slots__ = ("request", "model", "future", "deadline", "outputs", "placements",
-                 "started_ns", "plan")
+                 "started_ns")
 
     def __init__(self, request: WireInferRequest, model: ServedModel,
                  deadline: float | None, outputs: tuple[str, ...],
-                 placements: dict[str, ShmPlacement], started_ns: int,
-                 plan: AnswerPlan | None) -> None:
+                 placements: dict[str, ShmPlacement], started_ns: int) -> None:
         self.request = request
         self.model = model
         self.future: Future[InferenceResponse] | None = None
@@ -122,7 +118,6 @@ class _Submitted:
         self.outputs = outputs
         self.placements = placements
         self.started_ns = started_ns
-        self.plan = plan
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -395,9 +390,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     check_output_placement(name, placement, self._shm)
                     placements[name] = placement
             deadline = _deadline(message, remaining)
-            outputs = requested or tuple(known)
-            submitted = _Submitted(request, model, deadline, outputs, placements, started,
-                                   _plan(model, message.id, outputs, placements, inputs))
+            submitted = _Submitted(request, model, deadline, requested or tuple(known),
+                                   placements, started)
             submitted.future = model.submit(InferenceRequest(
                 model=model.id.name, inputs=inputs, version=model.id.version,
                 request_id=message.id, priority=_priority(message), deadline=deadline,
@@ -431,35 +425,12 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _answer(self, submitted: _Submitted, result: InferenceResponse) -> WireInferResponse:
         """The response to a submitted request from its result (outputs encoded, or written to
-        their shared-memory regions): the answer planned before the run where the outputs
-        came out as planned, else encoded now."""
-        plan = submitted.plan
-        if plan is not None and result.model == submitted.model.id:
-            raw = encode_planned(plan, result.outputs, submitted.placements, self._shm)
-            if raw is not None:
-                return WireInferResponse(plan.head, raw)
+        their shared-memory regions)."""
         response = inference_pb2.ModelInferResponse(
             model_name=result.model.name, model_version=str(result.model.version),
             id=submitted.request.message.id)
         return WireInferResponse(response, encode_outputs(
             response, result.outputs, submitted.outputs, submitted.placements, self._shm))
-
-
-def _plan(model: ServedModel, request_id: str, outputs: tuple[str, ...],
-          placements: dict[str, ShmPlacement], inputs: dict[str, Any]) -> AnswerPlan | None:
-    """The answer encoded ahead (:class:`~edge.api.tensor_codec.AnswerPlan`), expecting each
-    output with its configured shape behind the request's batch size."""
-    batch: tuple[int, ...] = ()
-    if model.max_batch_size > 0:
-        first = next(iter(inputs.values()), None)
-        if first is None or not first.ndim:
-            return None
-        batch = (int(first.shape[0]),)
-    specs = {spec.name: spec for spec in model.outputs}
-    return plan_answer(inference_pb2.ModelInferResponse(
-        model_name=model.id.name, model_version=str(model.id.version), id=request_id),
-        [(name, specs[name].datatype, batch + specs[name].shape) for name in outputs],
-        placements)
 
 
 def is_local_peer(peer: str) -> bool:

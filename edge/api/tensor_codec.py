@@ -196,86 +196,23 @@ def encode_outputs(response: inference_pb2.ModelInferResponse,
     arrays = []
     for name in names:
         array = np.ascontiguousarray(outputs[name])
+        tensor = response.outputs.add()
+        tensor.name = name
+        tensor.datatype = NUMPY_TO_KSERVE[array.dtype]
+        tensor.shape.extend(array.shape)
         placement = placements.get(name)
-        _describe(response, name, NUMPY_TO_KSERVE[array.dtype], array.shape, array.nbytes,
-                  placement)
         if placement is None:
             arrays.append(array)
             continue
         _write_shm_output(name, array, placement, shared_memory)
-        arrays.append(_EMPTY)
-    return _raw_entries(arrays)
-
-
-def _describe(response: inference_pb2.ModelInferResponse, name: str, datatype: str,
-              shape: Sequence[int], nbytes: int, placement: ShmPlacement | None) -> None:
-    tensor = response.outputs.add()
-    tensor.name = name
-    tensor.datatype = datatype
-    tensor.shape.extend(shape)
-    if placement is not None:
         tensor.parameters[SHM_REGION].string_param = placement.region
-        tensor.parameters[SHM_BYTE_SIZE].int64_param = nbytes
+        tensor.parameters[SHM_BYTE_SIZE].int64_param = array.nbytes
         if placement.offset:
             tensor.parameters[SHM_OFFSET].int64_param = placement.offset
-
-
-def _raw_entries(arrays: list[np.ndarray]) -> tuple[np.ndarray, ...]:
-    return () if all(a is _EMPTY for a in arrays) else tuple(arrays)
-
-
-@dataclass(frozen=True)
-class AnswerPlan:
-    """A response encoded before the model runs, from the output shapes it must produce:
-    ``head`` is the serialised ModelInferResponse without raw outputs, valid for outputs of
-    exactly the ``expected`` (name, dtype, shape), in order. Encoding it while the request is
-    being read saves that work after the run, when this box's caches hold the model's weights
-    instead of the server's code (about 0.1 ms a ResNet-18 answer here)."""
-
-    head: bytes
-    expected: tuple[tuple[str, np.dtype, tuple[int, ...]], ...]
-
-
-def plan_answer(response: inference_pb2.ModelInferResponse,
-                specs: Sequence[tuple[str, str, tuple[int, ...]]],
-                placements: Mapping[str, ShmPlacement]) -> AnswerPlan | None:
-    """The plan for outputs (name, KServe datatype, full shape) described in ``response``
-    (which holds the other fields), or None when an output's shape is not fixed, its datatype
-    has no fixed size, or it would not fit its shared-memory region (the regular encoding
-    then reports that)."""
-    expected = []
-    for name, datatype, shape in specs:
-        dtype = KSERVE_TO_NUMPY.get(datatype)
-        if dtype is None or dtype.kind not in "biuf" or any(d < 0 for d in shape):
-            return None
-        nbytes = math.prod(shape) * dtype.itemsize
-        placement = placements.get(name)
-        if placement is not None and nbytes > placement.byte_size:
-            return None
-        _describe(response, name, datatype, shape, nbytes, placement)
-        expected.append((name, dtype, tuple(shape)))
-    return AnswerPlan(response.SerializeToString(), tuple(expected))
-
-
-def encode_planned(plan: AnswerPlan, outputs: Mapping[str, np.ndarray],
-                   placements: Mapping[str, ShmPlacement],
-                   shared_memory: SharedMemoryRegistry | None) -> tuple[np.ndarray, ...] | None:
-    """:func:`encode_outputs`' arrays for outputs as ``plan`` expected them (each output written
-    to its region, if any); None, with nothing written, when one differs in dtype or shape."""
-    arrays = []
-    for name, dtype, shape in plan.expected:
-        array = outputs[name]
-        if array.dtype != dtype or array.shape != shape:
-            return None
-        arrays.append(array)
-    for i, (name, _, _) in enumerate(plan.expected):
-        placement = placements.get(name)
-        if placement is not None:
-            _write_shm_output(name, arrays[i], placement, shared_memory)
-            arrays[i] = _EMPTY
-        else:
-            arrays[i] = np.ascontiguousarray(arrays[i])
-    return _raw_entries(arrays)
+        arrays.append(_EMPTY)
+    if all(a is _EMPTY for a in arrays):
+        return ()
+    return tuple(arrays)
 
 
 def check_output_placement(name: str, placement: ShmPlacement,
