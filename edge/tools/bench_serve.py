@@ -18,9 +18,9 @@ Per model, in rounds whose order rotates (raw, mededge, Triton; mededge, Triton,
   client the batch-1 run alternates with raw ``session.run`` in blocks, and the added latency
   is taken against those raw blocks: this box's speed drifts by up to a millisecond of ResNet
   p50 over minutes, which a raw figure measured a minute earlier does not share. The
-  N-client throughput run alternates the same way with raw ``session.run`` at
-  ``max_batch_size`` (its items/s moved by 10 % between minutes), and that row's ratios are
-  against those blocks. Four
+  N-client throughput run alternates the same way with raw ``session.run`` (half of each
+  block at batch 1, half at ``max_batch_size``; raw's items/s moved by 10 % between minutes),
+  and that row's ratios are against those blocks. Four
   transports (``TRANSPORTS``): ModelInfer calls with
   the tensor in the message; one ModelStreamInfer stream per client; and each of those with
   input and output in system shared memory (perf_analyzer's ``--shared-memory system``: each
@@ -121,8 +121,9 @@ class Result:
     mean_batch: float | None = None
     note: str = ""
     raw_p50_ms: float | None = None  # raw b1 p50 in blocks alternating with this row's b1
-    raw_throughput: float | None = None  # raw b1 items/s in those blocks
-    raw_throughput_max: float | None = None  # raw max-batch items/s alternating with its N clients
+    # raw b1 and max-batch items/s in blocks alternating with this row's N clients
+    raw_throughput: float | None = None
+    raw_throughput_max: float | None = None
     vs_raw: float | None = None  # throughput / the better of those two (per round, then median)
     vs_raw_b1: float | None = None  # throughput / raw_throughput
 
@@ -451,25 +452,34 @@ THROUGHPUT_BLOCKS = 4
 
 def paired_throughput(loadgen_binary: Path, url: str, spec: BenchModel, batch: int,
                       clients: int, seconds: float, transport: str, sess: Any
-                      ) -> tuple[float, float]:
-    """Items/s of ``clients`` C++ clients together against raw back-to-back ``sess.run`` at
-    :data:`MAX_BATCH`, in :data:`THROUGHPUT_BLOCKS` alternating blocks
-    (:func:`edge.tools.loadgen.paired`): (server, raw). Each side runs ``seconds``, or
-    :data:`MIN_MAX_BATCH_RUNS` raw runs if that is longer.
+                      ) -> tuple[float, float, float]:
+    """Items/s of ``clients`` C++ clients together against raw back-to-back ``sess.run``, in
+    :data:`THROUGHPUT_BLOCKS` alternating blocks (:func:`edge.tools.loadgen.paired`); each raw
+    block runs batch 1 for half its time and :data:`MAX_BATCH` for the other half: (server,
+    raw b1, raw max batch). Each side runs ``seconds``, or as long as
+    :data:`MIN_MAX_BATCH_RUNS` raw max-batch runs take in its halves if that is longer.
 
     Raises:
         RuntimeError: a client failed; the message is its error.
     """
-    many = {spec.input: np.random.default_rng(0).random((MAX_BATCH, *spec.shape),
-                                                         dtype=np.float32)}
-    seconds = max(seconds, MIN_MAX_BATCH_RUNS * _estimate(lambda: sess.run(None, many)))
+    rng = np.random.default_rng(0)
+    one = {spec.input: rng.random((1, *spec.shape), dtype=np.float32)}
+    many = {spec.input: rng.random((MAX_BATCH, *spec.shape), dtype=np.float32)}
+    seconds = max(seconds, 2 * MIN_MAX_BATCH_RUNS * _estimate(lambda: sess.run(None, many)))
+    raw_one: list[float] = []
+    raw_many: list[float] = []
+
+    def reference(block: float) -> list[float]:
+        raw_one.extend(_back_to_back(lambda: sess.run(None, one), block / 2))
+        raw_many.extend(_back_to_back(lambda: sess.run(None, many), block / 2))
+        return []
+
     with _encoded_requests(url, spec, batch, clients, transport) as requests:
-        results, ref = loadgen.paired(loadgen_binary, url, requests, spec.output, seconds,
-                                      transport in (STREAM, STREAM_SHM), transport in _SHARED,
-                                      lambda s: _back_to_back(lambda: sess.run(None, many), s),
-                                      blocks=THROUGHPUT_BLOCKS)
+        results, _ = loadgen.paired(loadgen_binary, url, requests, spec.output, seconds,
+                                    transport in (STREAM, STREAM_SHM), transport in _SHARED,
+                                    reference, blocks=THROUGHPUT_BLOCKS)
     served = sum(len(r) for r in results) * batch / seconds
-    return served, len(ref) * MAX_BATCH / sum(ref)
+    return served, len(raw_one) / sum(raw_one), len(raw_many) * MAX_BATCH / sum(raw_many)
 
 
 def _estimate(run: Callable[[], object], repeats: int = 3) -> float:
@@ -488,12 +498,12 @@ def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: i
                  sess: Any = None) -> Result:
     """Batch-1 latency with one client, then throughput with ``clients``; a client failure
     becomes the row's note (not timed). With ``loadgen_binary`` the clients are C++ and the
-    batch-1 run alternates with raw ``sess.run`` in blocks (``raw_p50_ms``); else Python."""
+    batch-1 run alternates with raw ``sess.run`` in blocks (``raw_p50_ms``), and so does the
+    throughput run (``vs_raw``, ``vs_raw_b1``); else Python."""
     from edge.tools.triton_client import grpcclient
 
     client = grpcclient().InferenceServerClient(url)
     raw_p50 = None
-    raw_one: list[float] = []
     try:
         if loadgen_binary is not None:
             one, raw_one = paired_b1(loadgen_binary, url, spec, seconds, transport, sess)
@@ -505,11 +515,11 @@ def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: i
         return Result(spec.name, system, note=f"failed: {exc}")
     p50, p99 = _percentiles(one)
     before = _batch_counts(client, spec.name)
-    raw_max = None
+    raw_b1 = raw_max = None
     try:
         if loadgen_binary is not None:
-            throughput, raw_max = paired_throughput(loadgen_binary, url, spec, batch, clients,
-                                                    seconds, transport, sess)
+            throughput, raw_b1, raw_max = paired_throughput(
+                loadgen_binary, url, spec, batch, clients, seconds, transport, sess)
         else:
             _, throughput = drive(url, spec, batch, clients, seconds, transport)
     except RuntimeError as exc:
@@ -520,7 +530,6 @@ def bench_server(system: str, url: str, spec: BenchModel, batch: int, clients: i
     if before is not None and after is not None and after[1] > before[1]:
         mean_batch = (after[0] - before[0]) / (after[1] - before[1])
     client.close()
-    raw_b1 = len(raw_one) / sum(raw_one) if raw_one else None
     return Result(spec.name, system, p50, p99, throughput, mean_batch=mean_batch,
                   raw_p50_ms=raw_p50, raw_throughput=raw_b1, raw_throughput_max=raw_max,
                   vs_raw=throughput / max(raw_b1, raw_max) if raw_b1 and raw_max else None,
@@ -816,9 +825,10 @@ def _client_note(binary: Path | None, why_not: str) -> str:
                 f"(raw, server, raw, server ...; at least {MIN_B1_REQUESTS} requests a side, "
                 "so slow models run longer than --seconds), and 'added' is the server's p50 "
                 "minus the raw p50 of those blocks; likewise the N-client run alternates with "
-                f"raw session.run at batch {MAX_BATCH} in {THROUGHPUT_BLOCKS} blocks (at least "
-                f"{MIN_MAX_BATCH_RUNS} runs a side), and a row's 'vs raw' and 'vs raw b1' are "
-                "against its own raw blocks (the raw rows are raw's own run in the round)")
+                f"{THROUGHPUT_BLOCKS} blocks of raw session.run, half of each at batch 1 and "
+                f"half at batch {MAX_BATCH} (at least {MIN_MAX_BATCH_RUNS} runs at batch "
+                f"{MAX_BATCH}), and a row's 'vs raw' and 'vs raw b1' are against those blocks "
+                "(the raw rows are raw's own run in the round)")
     return (f"clients are Python processes ({why_not}), one request in flight each; 'added' "
             f"is the server's p50 minus the raw row's")
 
