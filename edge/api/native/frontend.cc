@@ -98,17 +98,20 @@ class Call {
     }
   }
 
-  // From Python (GIL held): the answer to request `seq`.
-  void Reply(uint64_t seq, grpc::Status status, grpc::ByteBuffer payload) {
+  // The answer to request `seq`; the GIL need not be held (the write to the client may block
+  // on the socket, or be preempted by the woken client, and other requests need the GIL
+  // meanwhile). Returns the request's handle, whose reference the caller drops with the GIL.
+  PyObject* Reply(uint64_t seq, grpc::Status status, grpc::ByteBuffer payload) {
     std::lock_guard<std::mutex> lock(mu_);
+    PyObject* dropped = nullptr;
     auto handle = handles_.find(seq);
     if (handle != handles_.end()) {
-      Py_XDECREF(handle->second);
+      dropped = handle->second;
       handles_.erase(handle);
     } else {
       replied_.insert(seq);  // dispatch is still running: it must not keep the handle
     }
-    if (finished_) return;
+    if (finished_) return dropped;
     if (!stream_mode_) {
       finished_ = true;
       if (status.ok()) {
@@ -118,7 +121,7 @@ class Call {
       } else {
         Start(Op::kFinish, [&](void* tag) { stream_.Finish(status, tag); });
       }
-      return;
+      return dropped;
     }
     if (!status.ok() && !failed_) {  // a failure outside any answer ends the stream
       failed_ = true;
@@ -127,6 +130,7 @@ class Call {
       answers_.emplace(seq, std::move(payload));
     }
     WriteNextAnswer();
+    return dropped;
   }
 
  private:
@@ -192,18 +196,23 @@ class Call {
  private:
   void OnDone() {
     if (!ctx_.IsCancelled()) return;
-    std::vector<PyObject*> handles;
     {
       std::lock_guard<std::mutex> lock(mu_);
       cancelled_ = true;
       if (proxy_) up_ctx_.TryCancel();
+      if (handles_.empty()) return;
+    }
+    if (!Py_IsInitialized()) return;
+    // The GIL before mu_, as everywhere: the handles' references are Python's to touch.
+    PyGILState_STATE gil = PyGILState_Ensure();
+    std::vector<PyObject*> handles;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
       for (auto& item : handles_) {
         Py_XINCREF(item.second);
         handles.push_back(item.second);
       }
     }
-    if (handles.empty() || !Py_IsInitialized()) return;
-    PyGILState_STATE gil = PyGILState_Ensure();
     for (PyObject* handle : handles) {
       PyObject* result = PyObject_CallMethod(handle, "cancel", nullptr);
       if (result == nullptr) PyErr_Clear();
@@ -545,7 +554,11 @@ PyObject* ReplyCall(PyObject* self, PyObject* args, PyObject* kwargs) {
                                                  std::string(message, message_len));
   Call* call = reply->call;
   reply->call = nullptr;
-  call->Reply(reply->seq, status, std::move(payload));
+  PyObject* dropped;
+  Py_BEGIN_ALLOW_THREADS
+  dropped = call->Reply(reply->seq, status, std::move(payload));
+  Py_END_ALLOW_THREADS
+  Py_XDECREF(dropped);
   call->Unref();
   Py_RETURN_NONE;
 }
@@ -555,9 +568,10 @@ void ReplyDealloc(PyObject* self) {
   if (reply->call != nullptr) {  // dropped unanswered: a bug on the Python side
     Call* call = reply->call;
     reply->call = nullptr;
-    call->Reply(reply->seq, grpc::Status(grpc::StatusCode::INTERNAL,
-                                         "the server dropped this request unanswered"),
-                grpc::ByteBuffer());
+    Py_XDECREF(call->Reply(reply->seq,
+                           grpc::Status(grpc::StatusCode::INTERNAL,
+                                        "the server dropped this request unanswered"),
+                           grpc::ByteBuffer()));
     call->Unref();
   }
   Py_TYPE(self)->tp_free(self);
