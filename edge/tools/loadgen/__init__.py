@@ -96,8 +96,9 @@ def paired(binary: Path, url: str, requests: Sequence[bytes], output: str, secon
     clients ... So both see the same machine, and a drift of its speed over the minute (this
     box's batch-1 p50 moves by up to a millisecond between runs, its throughput by 10 %) lands
     in both. Each client block starts with two untimed requests per client, so ``reference``
-    should warm up the same way (``bench_serve._back_to_back`` does); with several clients,
-    all of them start timing together once every one has warmed up. (each client's latencies
+    should warm up the same way (``bench_serve._back_to_back`` does); the first reference
+    block waits until every client has started and connected; with several clients, all of
+    them start timing together once every one has warmed up. (each client's latencies
     over all its blocks, the reference's latencies).
 
     Raises:
@@ -116,6 +117,8 @@ def paired(binary: Path, url: str, requests: Sequence[bytes], output: str, secon
             procs.append(_Paired(command))
         ref: list[float] = []
         try:
+            for proc in procs:  # every client started and connected before the first block
+                proc.expect_ready()
             for _ in range(blocks):
                 ref += reference(block)
                 for proc in procs:

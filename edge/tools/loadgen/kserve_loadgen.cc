@@ -9,8 +9,10 @@
 // answer is checked: no error, exactly the expected output, its bytes in the message or (with
 // --shared-output) left in shared memory. Exit 1 with the reason on stderr otherwise.
 //
-// With --blocks N it measures N blocks of --seconds each, waiting for a line on stdin before
-// each (then two untimed requests, as after an idle server the first answers are slow) and
+// With --blocks N it prints "ready" once connected (so that the caller's first reference block
+// does not share the machine with the client's start-up), then measures N blocks of --seconds
+// each, waiting for a line on stdin before each (then two untimed requests, as after an idle
+// server the first answers are slow) and
 // printing a line "." after each, so that the caller can run its reference (raw ONNX Runtime,
 // which warms up the same way) between the blocks: both then see the same machine, minute by
 // minute. With --sync as well (several clients measured together), each block's warm-up ends
@@ -164,6 +166,10 @@ int main(int argc, char** argv) {
   const Options options = Parse(argc, argv);
   Client client(options, ReadRequest(options.request_file));
   for (int i = 0; i < 2; ++i) Check(client.Infer(), options);  // warm-up, checked
+  if (options.blocks > 1) {  // started and connected: the caller's reference may begin
+    std::fputs("ready\n", stdout);
+    std::fflush(stdout);
+  }
   using Clock = std::chrono::steady_clock;
   std::vector<long long> latencies;
   latencies.reserve(1 << 16);

@@ -36,6 +36,7 @@ from edge.tools.bench_serve import (
     paired_throughput,
     start_mededge,
     verify_shared_memory,
+    with_ratios,
 )
 from edge.tools.bench_triton import (
     OutputMismatch,
@@ -333,9 +334,17 @@ def test_paired_batch1_alternates_the_server_with_the_reference(tmp_path: Path,
         stop_group(proc)
     assert len(slow_ref) >= 0.8 * MIN_B1_REQUESTS and took >= MIN_B1_REQUESTS * 0.005
     assert row.p50_ms is not None and row.raw_p50_ms is not None and row.throughput
-    assert row.raw_throughput and row.raw_throughput_max and row.vs_raw and row.vs_raw_b1
-    assert row.vs_raw == pytest.approx(
+    assert row.raw_throughput and row.raw_throughput_max and row.vs_raw is None
+    # the ratios: against the better raw figure of the paired blocks and of the round's raw row
+    slow_raw = Result("probe", RAW, 1.0, 2.0, throughput=row.raw_throughput / 2,
+                      throughput_max=row.raw_throughput_max / 2)
+    paired = with_ratios(row, slow_raw)
+    assert paired.vs_raw == pytest.approx(
         row.throughput / max(row.raw_throughput, row.raw_throughput_max))
+    assert paired.vs_raw_b1 == pytest.approx(row.throughput / row.raw_throughput)
+    fast_raw = replace(slow_raw, throughput=row.raw_throughput * 4)
+    assert with_ratios(row, fast_raw).vs_raw_b1 == pytest.approx(
+        row.throughput / (row.raw_throughput * 4))
     table = markdown([Result("probe", RAW, 1.0, 2.0, 10.0, 20.0),
                       replace(row, p50_ms=1.5, raw_p50_ms=0.75, vs_raw=0.5, vs_raw_b1=0.25)],
                      1, 2)
