@@ -163,6 +163,26 @@ def test_inline_runs_an_idle_models_request_on_the_callers_thread(make_model) ->
     assert future.done() and future.result().request_id == "inline"
 
 
+def test_on_done_answers_an_inline_run_before_its_bookkeeping(make_model) -> None:
+    model = make_model()
+    seen: list[tuple[str, int]] = []
+
+    def on_done(future: Future[InferenceResponse]) -> None:
+        seen.append((future.result(0).request_id, model.statistics().inference_stats.success.count))
+
+    done = model.submit(InferenceRequest("slow", {"X": _x()}, request_id="first"),
+                        inline=True, on_done=on_done)
+    assert done.done() and seen == [("first", 0)]  # answered before it was counted
+    assert model.statistics().inference_stats.success.count == 1  # and counted once submit returned
+    queued = model.submit(InferenceRequest("slow", {"X": _x()}, request_id="second"),
+                          on_done=on_done)  # run by an instance thread: the callback too
+    queued.result(timeout=30)
+    deadline = time.monotonic() + 10
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [request_id for request_id, _ in seen] == ["first", "second"]
+
+
 def test_inline_request_queues_behind_a_busy_instance(make_model) -> None:
     model = make_model()
     busy = _busy(model)
