@@ -302,10 +302,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             yield response
 
     def start_infer(self, payload: bytes, remaining: float | None, stream: bool,
-                    reply: Reply
+                    reply: Reply, inline: bool = True
                     ) -> Future[InferenceResponse] | None:
         """ModelInfer (or one ModelStreamInfer message) for a front end that is not grpcio:
-        ``payload`` is the encoded request, ``remaining`` the seconds to the gRPC deadline.
+        ``payload`` is the encoded request, ``remaining`` the seconds to the gRPC deadline;
+        ``inline`` False keeps an idle model from running it on the calling thread.
         ``reply(code, message, parts)`` is called exactly once, now or from the thread that
         finishes the request: code 0 with the encoded response's pieces, or a gRPC status code
         and its message. On a stream a failure is an answer carrying ``error_message``, as in
@@ -324,7 +325,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             # The answer goes out from the thread that completes the future, as soon as it
             # does: before an inline run's bookkeeping, which follows it.
             future = self._submit(model, request, remaining, started, lambda submitted, done:
-                                  self._reply(submitted, done, stream, reply)).future
+                                  self._reply(submitted, done, stream, reply), inline).future
         except Exception as exc:
             if model is not None:
                 self._counters.observe(model.id.name, str(model.id.version),
@@ -363,11 +364,12 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _submit(self, model: ServedModel, request: WireInferRequest,
                 remaining: float | None, started: int,
-                on_done: Callable[[_Submitted, Future[InferenceResponse]], None] | None = None
-                ) -> _Submitted:
+                on_done: Callable[[_Submitted, Future[InferenceResponse]], None] | None = None,
+                inline: bool = True) -> _Submitted:
         """Decode and submit (``remaining``: seconds to the gRPC deadline, None: none);
         ``on_done(submitted, future)`` is called when the future completes, from the thread
-        that completes it (possibly this one, before this returns).
+        that completes it (possibly this one, before this returns, when ``inline`` lets an
+        idle model run it here).
 
         Raises:
             InvalidInputError: undecodable tensors, an unknown output, or inputs the model
@@ -395,7 +397,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             submitted.future = model.submit(InferenceRequest(
                 model=model.id.name, inputs=inputs, version=model.id.version,
                 request_id=message.id, priority=_priority(message), deadline=deadline,
-                outputs=requested), inline=True,
+                outputs=requested), inline=inline,
                 on_done=None if on_done is None else partial(on_done, submitted))
         except InvalidInputError:
             # The scheduler counts rejections for a full queue, not for invalid input.

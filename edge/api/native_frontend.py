@@ -78,13 +78,15 @@ class NativeFrontend:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _dispatch(self, stream: bool, payload: bytes, remaining: float | None,
-                  authorization: str | None, peer: str, reply: Reply
+                  authorization: str | None, peer: str, reply: Reply, inline: bool
                   ) -> Future[Any] | None:
-        """Called by the C++ server for each request; never raises (a failure is answered)."""
+        """Called by the C++ server for each request; never raises (a failure is answered).
+        ``inline``: another front-end thread is free to read requests, so an idle model may
+        run this one on the calling thread."""
         try:
             if self._tokens is not None:
                 self._authorize(_METHODS[stream], authorization)
-            return self._servicer.start_infer(payload, remaining, stream, reply)
+            return self._servicer.start_infer(payload, remaining, stream, reply, inline)
         except Exception as exc:
             status = status_for(exc)
             if status.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

@@ -122,7 +122,10 @@ class GrpcSettings(_Section):
     # The C++ front end on the public port (docs/serving-interfaces.md); off, or where it
     # cannot be built, grpcio serves the port itself.
     native_frontend: bool = True
-    native_threads: int = Field(8, ge=2)  # its threads; a request runs inline on one
+    # Its threads. A request runs inline on one only while another waits to read the next,
+    # so 2 serve any load; each more thread waiting on the queue is woken for some requests
+    # (docs/benchmarks.md: 8 threads cost ResNet-18 0.4 ms at batch 1).
+    native_threads: int = Field(2, ge=2)
     reflection: bool = True
     tls: ServerTlsSettings = ServerTlsSettings()
     require_token: bool = False  # every call but public_methods needs a bearer token

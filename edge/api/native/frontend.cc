@@ -6,8 +6,10 @@
 // between threads for a request.
 //
 // * ModelInfer and ModelStreamInfer (the hot path): the request's bytes go to a Python
-//   callable, `dispatch(stream, payload, remaining_s, authorization, peer, reply)`
-//   (remaining_s None without a deadline). It answers, at once or later from any thread,
+//   callable, `dispatch(stream, payload, remaining_s, authorization, peer, reply, inline)`
+//   (remaining_s None without a deadline; inline: another thread is waiting on the queue,
+//   so this one may run the model before returning). It answers, at once or later from any
+//   thread,
 //   by calling `reply(code, message, parts)` exactly once:
 //   code 0 with the encoded response (bytes or a sequence of buffers, joined here in one copy),
 //   or a gRPC status code and its message. It returns an object with `cancel()` (called when
@@ -63,6 +65,7 @@ struct Core {
   PyObject* dispatch = nullptr;  // owned reference
   std::mutex gate;               // held while starting an operation; see closed
   bool closed = false;           // the queue is shut down: start nothing more
+  std::atomic<int> waiting{0};   // threads inside cq->Next, ready to read the next request
 };
 
 PyObject* NewReply(Call* call, uint64_t seq);
@@ -280,9 +283,11 @@ class Call {
                                                   "replace");
       PyObject* seconds = has_deadline ? PyFloat_FromDouble(remaining)
                                        : (Py_INCREF(Py_None), Py_None);
-      handle = PyObject_CallFunction(core_->dispatch, "ONNNs#O", stream ? Py_True : Py_False,
+      // Running the model on this thread is fine while another thread reads the sockets.
+      PyObject* inline_ok = core_->waiting.load() > 0 ? Py_True : Py_False;
+      handle = PyObject_CallFunction(core_->dispatch, "ONNNs#OO", stream ? Py_True : Py_False,
                                      payload, seconds, auth, peer.data(),
-                                     static_cast<Py_ssize_t>(peer.size()), reply);
+                                     static_cast<Py_ssize_t>(peer.size()), reply, inline_ok);
       payload = nullptr;  // stolen by N
     }
     if (handle == nullptr) {  // dispatch itself failed: a bug, answer INTERNAL
@@ -484,7 +489,11 @@ void RunQueue(Core* core) {
   PyThreadState* state = PyEval_SaveThread();
   void* raw = nullptr;
   bool ok = false;
-  while (core->cq->Next(&raw, &ok)) {
+  for (;;) {
+    core->waiting.fetch_add(1);
+    bool more = core->cq->Next(&raw, &ok);
+    core->waiting.fetch_sub(1);
+    if (!more) break;
     Tag* tag = static_cast<Tag*>(raw);
     tag->call->OnEvent(tag->op, ok);
     tag->call->Unref();

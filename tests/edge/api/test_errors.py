@@ -78,6 +78,17 @@ def test_unknown_output_is_invalid_argument(client, grpcclient) -> None:
                                  outputs=[grpcclient.InferRequestedOutput("w")]), "w")
 
 
+@pytest.fixture()
+def slow_idle(server) -> None:
+    """Wait until the ``slow`` model neither executes nor queues anything: a request of an
+    earlier test whose client gave up may still run (it was taken before its deadline), and
+    its queue holds one request."""
+    model = server.manager.get("slow")
+    end = time.monotonic() + 10
+    while (model.executing_count or model.pending_count) and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def _slow_in_background(grpcclient, grpc_url: str, results: list) -> threading.Thread:
     def run() -> None:
         with grpcclient.InferenceServerClient(grpc_url) as c:
@@ -91,7 +102,7 @@ def _slow_in_background(grpcclient, grpc_url: str, results: list) -> threading.T
     return thread
 
 
-def test_full_queue_is_resource_exhausted(grpcclient, grpc_url) -> None:
+def test_full_queue_is_resource_exhausted(slow_idle, grpcclient, grpc_url) -> None:
     results: list = []
     threads = [_slow_in_background(grpcclient, grpc_url, results) for _ in range(6)]
     for thread in threads:
@@ -101,7 +112,7 @@ def test_full_queue_is_resource_exhausted(grpcclient, grpc_url) -> None:
     assert "OK" in codes, codes
 
 
-def test_client_deadline_is_deadline_exceeded(client, grpcclient, grpc_url) -> None:
+def test_client_deadline_is_deadline_exceeded(slow_idle, client, grpcclient, grpc_url) -> None:
     busy: list = []
     thread = _slow_in_background(grpcclient, grpc_url, busy)
     time.sleep(0.05)
@@ -110,7 +121,7 @@ def test_client_deadline_is_deadline_exceeded(client, grpcclient, grpc_url) -> N
     thread.join(30)
 
 
-def test_triton_timeout_parameter_is_deadline_exceeded(client, grpcclient, grpc_url) -> None:
+def test_triton_timeout_parameter_is_deadline_exceeded(slow_idle, client, grpcclient, grpc_url) -> None:
     busy: list = []
     thread = _slow_in_background(grpcclient, grpc_url, busy)
     time.sleep(0.05)
@@ -120,7 +131,7 @@ def test_triton_timeout_parameter_is_deadline_exceeded(client, grpcclient, grpc_
     thread.join(30)
 
 
-def test_cancelled_call_is_not_executed(client, grpcclient, grpc_url) -> None:
+def test_cancelled_call_is_not_executed(slow_idle, client, grpcclient, grpc_url) -> None:
     def executions() -> int:
         stats = client.get_inference_statistics("slow", as_json=True)["model_stats"][0]
         return int(stats.get("execution_count", 0))

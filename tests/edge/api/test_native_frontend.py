@@ -10,6 +10,7 @@ draining on SIGTERM by ``test_serve_command`` (``mededge serve``, native by defa
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.edge.api.conftest import server_settings
+from tests.edge.api.conftest import _save, server_settings, slow_model
 
 #: These tests take only the session's native server (``conftest.server``'s first param).
 native_only = pytest.mark.parametrize("server", ["native"], indirect=True)
@@ -96,6 +97,61 @@ def test_many_concurrent_answers_go_to_their_requests(server, native_url: str, g
     for thread in threads:
         thread.join(60)
     assert not failures, failures[:5]
+
+
+def test_with_two_threads_a_model_running_inline_leaves_one_to_read(
+        tmp_path: Path, grpcclient) -> None:
+    """A request runs on the front-end thread that read it only while another thread waits for
+    the next one: with two threads and a model of two instances, a second request while the
+    first runs goes to the model's queue, and the port keeps answering (ServerLive, proxied)
+    before the first answer. Were the second run inline too, no thread would read until the
+    first ended."""
+    from edge.api.server import EdgeServer
+
+    repo = tmp_path / "repo"
+    _save(slow_model(matmuls=240), repo / "slow2" / "1" / "model.onnx")
+    (repo / "slow2" / "config.pbtxt").write_text(
+        'name: "slow2"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 1\n'
+        'input { name: "x" data_type: TYPE_FP32 dims: [1] }\n'
+        'output { name: "y" data_type: TYPE_FP32 dims: [1] }\n'
+        "instance_group { count: 2 }\n")
+    edge_server = EdgeServer(server_settings(repo, tmp_path / "data", grpc={
+        "native_frontend": True, "native_threads": 2}))
+    edge_server.start()
+    events: list[str] = []
+    try:
+        url = f"127.0.0.1:{edge_server.ports.grpc}"
+
+        def infer(tag: str) -> None:
+            with grpcclient.InferenceServerClient(url) as c:
+                c.infer("slow2", [_ones_input(grpcclient)])
+                events.append(tag)
+
+        with grpcclient.InferenceServerClient(url) as c:
+            c.infer("slow2", [_ones_input(grpcclient)])  # warm
+            started = time.monotonic()
+            c.infer("slow2", [_ones_input(grpcclient)])
+            run_s = time.monotonic() - started
+            first = threading.Thread(target=infer, args=("first",))
+            first.start()
+            time.sleep(run_s / 6)
+            second = threading.Thread(target=infer, args=("second",))
+            second.start()
+            time.sleep(run_s / 6)
+            assert c.is_server_live()
+            events.append("live")
+            first.join(30)
+            second.join(30)
+        assert events[0] == "live", (events, run_s)
+        assert sorted(events) == ["first", "live", "second"]
+    finally:
+        edge_server.stop(5.0)
+
+
+def _ones_input(grpcclient):  # noqa: ANN001, ANN202 (tritonclient's module)
+    x = grpcclient.InferInput("x", [1, 1], "FP32")
+    x.set_data_from_numpy(np.ones((1, 1), np.float32))
+    return x
 
 
 def test_without_the_extension_grpcio_serves_the_port(
