@@ -121,7 +121,8 @@ def test_client_deadline_is_deadline_exceeded(slow_idle, client, grpcclient, grp
     thread.join(30)
 
 
-def test_triton_timeout_parameter_is_deadline_exceeded(slow_idle, client, grpcclient, grpc_url) -> None:
+def test_triton_timeout_parameter_is_deadline_exceeded(slow_idle, client, grpcclient,
+                                                       grpc_url) -> None:
     busy: list = []
     thread = _slow_in_background(grpcclient, grpc_url, busy)
     time.sleep(0.05)
