@@ -9,8 +9,7 @@
 //   callable, `dispatch(stream, payload, remaining_s, authorization, peer, reply, inline)`
 //   (remaining_s None without a deadline; inline: another thread is waiting on the queue,
 //   so this one may run the model before returning). It answers, at once or later from any
-//   thread,
-//   by calling `reply(code, message, parts)` exactly once:
+//   thread, by calling `reply(code, message, parts)` exactly once:
 //   code 0 with the encoded response (bytes or a sequence of buffers, joined here in one copy),
 //   or a gRPC status code and its message. It returns an object with `cancel()` (called when
 //   the client goes away before the answer) or None. Stream answers go out in request order.
