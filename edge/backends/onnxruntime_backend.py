@@ -31,12 +31,16 @@ ORT_TO_KSERVE: Mapping[str, str] = {
 }
 
 #: Session config entries every session gets, before those in
-#: ``BackendOptions.provider_options[SESSION_CONFIG_KEY]``. ONNX Runtime's pool threads spin-wait
-#: after each run by default; on a small CPU box that burns the cores the gRPC threads, the
-#: DICOM receiver and other instances need (2 cores, under load: batch-1 ResNet18 through gRPC
-#: took about 10 ms longer with spinning, see docs/benchmarks.md). ``mededge bench serve`` gives
-#: the raw and Triton sessions the same entries.
-SESSION_CONFIG: Mapping[str, str] = {"session.intra_op.allow_spinning": "0",
+#: ``BackendOptions.provider_options[SESSION_CONFIG_KEY]``. ONNX Runtime's pool threads spin
+#: between the parallel sections of a run (no sleep and wake-up per operator), and
+#: ``force_spinning_stop`` ends the spinning as soon as a run returns: by default they go on
+#: spinning after each run, burning the cores that the gRPC threads, the DICOM receiver and
+#: other instances need (2 cores, under load: batch-1 ResNet18 through gRPC about 10 ms slower).
+#: Against spinning off, measured on 2 cores: batch-1 ResNet18 0.4-0.9 ms faster, U-Net 4 ms,
+#: 8 clients through the server +3 % (docs/benchmarks.md). ``mededge bench serve`` gives the
+#: raw and Triton sessions the same entries.
+SESSION_CONFIG: Mapping[str, str] = {"session.intra_op.allow_spinning": "1",
+                                     "session.force_spinning_stop": "1",
                                      "session.inter_op.allow_spinning": "0"}
 #: Key of ``BackendOptions.provider_options`` holding extra session config entries.
 SESSION_CONFIG_KEY = "onnxruntime_session_config"
